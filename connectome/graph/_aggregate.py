@@ -2,17 +2,25 @@
 
 The fast path packs each synapse into one 64-bit word,
 ``pre << (b + s) | post << s | size`` (``b`` bits per neuron id or dense
-index, ``s`` bits for the size), sorts the words, and reads each edge as a
-run of equal high bits: ``n_synapses`` is the run length and ``total_size``
-the sum of the low bits over the run. One sort of 8 bytes per synapse, no
-argsort and no gather.
+index, ``s`` bits for the size), sorts the words by their high ``2 b``
+bits, and reads each edge as a run of equal high bits: ``n_synapses`` is
+the run length and ``total_size`` the sum of the low bits over the run.
+8 bytes per synapse, no argsort and no gather.
 
-On the CPU the words are radix-partitioned as they are packed: the top
-bits of the pre id pick one of up to 4096 buckets (about :data:`BUCKET`
-words each), so each bucket is sorted in cache-friendly size, on its own
-thread (NumPy releases the GIL while sorting), and reduced on its own; the
-buckets, in pre-id order, concatenate into the sorted result. On the GPU
-(CuPy) all words are one array sorted by CuPy's radix sort.
+On the CPU (Numba, compiled code that releases the GIL):
+
+* :meth:`EdgeAccumulator.add` packs the words and scatters them into
+  buckets by the top bits of the pre id (a counting sort: one histogram
+  pass over ``pre``, one pack-and-scatter pass), split over threads;
+* :meth:`EdgeAccumulator.result` gathers each bucket (about
+  :data:`BUCKET` words, so it stays in cache), sorts it by an LSD radix
+  sort on the id bits only (the size bits are summed, not sorted; passes
+  whose digit is constant are skipped) and reduces the runs in the same
+  compiled call, one bucket per task on a thread pool. The buckets, in
+  pre-id order, concatenate into the sorted result.
+
+On the GPU (CuPy) all words are one array sorted by CuPy's radix sort and
+reduced with a cumulative sum.
 
 Ids too large for the word (64-bit root ids) are first mapped to dense
 indices (:class:`~connectome.graph._ids.IdIndex`); sizes too large for the
@@ -23,6 +31,7 @@ runs dropped at the end (counted in ``unassigned``).
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +42,103 @@ from connectome.errors import InputError
 from connectome.graph._ids import IdIndex
 
 EDGE_COLUMNS = ("pre_id", "post_id", "n_synapses", "total_size")
-PIECE = 1 << 19  # words packed / reduced at a time (temporaries stay in cache)
+PIECE = 1 << 19  # smallest share of one add() a thread packs on its own
 BUCKET = 1 << 17  # aim of the radix partition: words per bucket
+RADIX_BITS = 11  # digit of one LSD pass (a 2048-entry histogram stays in L1)
+
+
+@functools.cache
+def _kernels():
+    """Numba kernels of the CPU path, compiled (or loaded from cache) on first use."""
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def histogram(pre, top_shift, n_buckets, counts):  # pragma: no cover - compiled
+        if n_buckets == 1:
+            counts[1] += pre.shape[0]
+            return
+        sh = np.uint64(top_shift)
+        for i in range(pre.shape[0]):
+            counts[np.int64(np.uint64(pre[i]) >> sh) + 1] += 1
+
+    @numba.njit(nogil=True, cache=True)
+    def pack_scatter(pre, post, size, has_size, shift_pre, shift_post, top_shift, n_buckets, pos, out):
+        # pos: start of each bucket in out (advanced in place); returns the largest size seen
+        sp = np.uint64(shift_pre)
+        sq = np.uint64(shift_post)
+        sh = np.uint64(top_shift)
+        biggest = np.uint64(0)
+        for i in range(pre.shape[0]):
+            p = np.uint64(pre[i])
+            w = (p << sp) | (np.uint64(post[i]) << sq)
+            if has_size:
+                s = np.uint64(size[i])
+                if s > biggest:
+                    biggest = s
+                w |= s
+            b = np.int64(p >> sh) if n_buckets > 1 else 0
+            out[pos[b]] = w
+            pos[b] += 1
+        return biggest
+
+    @numba.njit(nogil=True, cache=True)
+    def sort_reduce(keys, tmp, lo_bit, n_bits, radix_bits, size_bits):  # pragma: no cover - compiled
+        n = keys.shape[0]
+        src = keys
+        dst = tmp
+        if n_bits > 0:
+            n_pass = (n_bits + radix_bits - 1) // radix_bits
+            width = (n_bits + n_pass - 1) // n_pass
+            count = np.empty(1 << width, np.int64)
+            shift = lo_bit
+            left = n_bits
+            while left > 0:
+                bits = min(width, left)
+                mask = np.uint64((1 << bits) - 1)
+                sh = np.uint64(shift)
+                count[:] = 0
+                for i in range(n):
+                    count[np.int64((src[i] >> sh) & mask)] += 1
+                constant = False
+                for d in range(1 << bits):
+                    if count[d] == n:
+                        constant = True
+                        break
+                if not constant:
+                    total = 0
+                    for d in range(1 << bits):
+                        c = count[d]
+                        count[d] = total
+                        total += c
+                    for i in range(n):
+                        w = src[i]
+                        d = np.int64((w >> sh) & mask)
+                        dst[count[d]] = w
+                        count[d] += 1
+                    src, dst = dst, src
+                shift += bits
+                left -= bits
+        hi = np.empty(n, np.uint64)
+        counts = np.empty(n, np.int64)
+        sums = np.empty(n, np.int64)
+        ss = np.uint64(size_bits)
+        low = np.uint64((1 << size_bits) - 1)
+        k = -1
+        prev = np.uint64(0)
+        for i in range(n):
+            w = src[i]
+            h = w >> ss
+            if k < 0 or h != prev:
+                k += 1
+                hi[k] = h
+                counts[k] = 0
+                sums[k] = 0
+                prev = h
+            counts[k] += 1
+            sums[k] += np.int64(w & low)
+        return hi[:k + 1].copy(), counts[:k + 1].copy(), sums[:k + 1].copy()
+
+    return histogram, pack_scatter, sort_reduce
 
 
 def _bits(value: int) -> int:
@@ -76,7 +180,7 @@ class EdgeAccumulator:
         The neuron ids. Needed only when ids are too large to pack directly;
         then every added id must be one of them, or 0 (unassigned).
     threads : int, optional
-        Sorting threads on the CPU (default: the CPU count).
+        Packing and sorting threads on the CPU (default: the CPU count).
     xp : module, optional
         ``numpy`` or ``cupy`` for the buffer (default NumPy).
 
@@ -112,8 +216,9 @@ class EdgeAccumulator:
         if xp is np and self.packed:
             k = min(12, self.id_bits, max(0, int(np.ceil(np.log2(max(n_rows, 1) / BUCKET)))))
         self.bucket_bits = k
-        self.bucket_shift = np.uint64(self.id_bits + self.size_bits + self.id_bits - k)
-        self.buckets: list = [[] for _ in range(1 << k)]
+        self.top_shift = self.id_bits - k  # pre >> top_shift = bucket
+        self.pieces: list = []  # CPU: (words grouped by bucket, bucket starts)
+        self.words: list = []  # GPU: packed words
         if not self.packed:  # sizes too large for the packed word: keep columns
             self.parts: list = []
 
@@ -137,28 +242,59 @@ class EdgeAccumulator:
                                np.zeros(m, np.int64) if size is None else to_numpy(size).astype(np.int64)))
             self.n += m
             return
-        shift_pre = xp.uint64(self.id_bits + self.size_bits)
-        shift_post = xp.uint64(self.size_bits)
-        limit = 1 << self.size_bits
-        step = PIECE if xp is np else max(m, 1)
-        for lo in range(0, m, step):
-            hi = min(lo + step, m)
-            word = pre[lo:hi].astype(xp.uint64)
-            word <<= shift_pre
-            tmp = post[lo:hi].astype(xp.uint64)
-            if self.size_bits:
-                tmp <<= shift_post
-            word |= tmp
-            if size is not None:
-                s = size[lo:hi]
-                if hi > lo and int(s.max()) >= limit:
-                    if self.size_bits == 0:
-                        raise InputError("synapse sizes were announced as absent (max_size=0) but some are positive")
-                    raise InputError(f"synapse size {int(s.max())} exceeds the announced maximum {limit - 1}")
-                if self.size_bits:
-                    word |= s.astype(xp.uint64)
-            self._store(word)
+        if m == 0:
+            return
+        if xp is np:
+            self._add_cpu(pre, post, size)
+        else:
+            self._add_gpu(pre, post, size)
         self.n += m
+
+    def _check_size(self, biggest: int) -> None:
+        limit = 1 << self.size_bits
+        if biggest >= limit:
+            if self.size_bits == 0:
+                raise InputError("synapse sizes were announced as absent (max_size=0) but some are positive")
+            raise InputError(f"synapse size {biggest} exceeds the announced maximum {limit - 1}")
+
+    def _add_cpu(self, pre, post, size) -> None:
+        histogram, pack_scatter, _ = _kernels()
+        pre = np.ascontiguousarray(pre)
+        post = np.ascontiguousarray(post)
+        has_size = size is not None
+        size = np.ascontiguousarray(size) if has_size else np.zeros(1, np.uint64)
+        nb = 1 << self.bucket_bits
+        m = pre.shape[0]
+        parts = max(1, min(self.threads, m // max(PIECE, 1)))
+        bounds = np.linspace(0, m, parts + 1).astype(np.int64)
+
+        def work(j):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            starts = np.zeros(nb + 1, np.int64)
+            histogram(pre[a:b], self.top_shift, nb, starts)
+            np.cumsum(starts, out=starts)
+            out = np.empty(b - a, np.uint64)
+            pos = starts[:-1].copy()
+            biggest = pack_scatter(pre[a:b], post[a:b], size[a:b] if has_size else size, has_size,
+                                   self.id_bits + self.size_bits, self.size_bits, self.top_shift, nb, pos, out)
+            return out, starts, int(biggest)
+
+        if parts > 1:
+            with ThreadPoolExecutor(parts) as pool:
+                done = list(pool.map(work, range(parts)))
+        else:
+            done = [work(0)]
+        self._check_size(max(d[2] for d in done))
+        self.pieces.extend((out, starts) for out, starts, _ in done)
+
+    def _add_gpu(self, pre, post, size) -> None:
+        xp = self.xp
+        word = pre.astype(xp.uint64) << xp.uint64(self.id_bits + self.size_bits)
+        word |= post.astype(xp.uint64) << xp.uint64(self.size_bits)
+        if size is not None:
+            self._check_size(int(size.max()))
+            word |= size.astype(xp.uint64)
+        self.words.append(word)
 
     def _dense(self, ids):
         idx = self.index.lookup(to_numpy(ids))
@@ -168,36 +304,20 @@ class EdgeAccumulator:
                              f"e.g. {int(to_numpy(ids)[k])}")
         return self.xp.asarray(idx)
 
-    def _store(self, word) -> None:
-        if self.bucket_bits == 0:
-            self.buckets[0].append(word)
-            return
-        b = (word >> self.bucket_shift).astype(np.uint16)
-        order = np.argsort(b, kind="stable")  # a radix sort of 16-bit keys: linear time
-        word = word[order]
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(b, minlength=len(self.buckets)))])
-        for i in np.flatnonzero(bounds[1:] > bounds[:-1]):
-            self.buckets[i].append(word[bounds[i]:bounds[i + 1]])
-
     # ------------------------------------------------------------------ result
     def result(self) -> dict:
         """The edges: columns ``pre_id, post_id, n_synapses, total_size``, sorted by (pre_id, post_id)."""
         if not self.packed:
             return self._result_unpacked()
         xp = self.xp
-        todo = [i for i, b in enumerate(self.buckets) if b]
-
-        def work(i):
-            pieces, self.buckets[i] = self.buckets[i], []
-            keys = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces)
-            del pieces
-            return self._sort_reduce(keys)
-
-        if len(todo) > 1 and self.threads > 1:
-            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
-                results = list(pool.map(work, todo))
+        if xp is np:
+            results = self._result_cpu()
         else:
-            results = [work(i) for i in todo]
+            words, self.words = self.words, []
+            keys = words[0] if len(words) == 1 else (xp.concatenate(words) if words else xp.zeros(0, xp.uint64))
+            del words
+            keys.sort()
+            results = [self._reduce_whole(keys)] if keys.shape[0] else []
         if not results:
             results = [(xp.zeros(0, xp.uint64), xp.zeros(0, xp.int64), xp.zeros(0, xp.int64))]
         hi = xp.concatenate([r[0] for r in results])
@@ -209,6 +329,32 @@ class EdgeAccumulator:
         post = hi & id_mask
         return self._finish(pre, post, counts, sums)
 
+    def _result_cpu(self) -> list:
+        _, _, sort_reduce = _kernels()
+        pieces, self.pieces = self.pieces, []
+        nb = 1 << self.bucket_bits
+        if not pieces:
+            return []
+        sizes = np.sum([starts[1:] - starts[:-1] for _, starts in pieces], axis=0)
+        todo = [int(i) for i in np.flatnonzero(sizes)]
+        n_bits = 2 * self.id_bits - self.bucket_bits  # the bucket's top bits are all equal
+
+        def work(i):
+            keys = np.empty(int(sizes[i]), np.uint64)
+            at = 0
+            for out, starts in pieces:
+                a, b = int(starts[i]), int(starts[i + 1])
+                keys[at:at + b - a] = out[a:b]
+                at += b - a
+            return sort_reduce(keys, np.empty_like(keys), self.size_bits, n_bits, RADIX_BITS, self.size_bits)
+
+        if len(todo) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+                results = list(pool.map(work, todo))
+        else:
+            results = [work(i) for i in todo]
+        return results
+
     def _finish(self, pre, post, counts, sums) -> dict:
         xp = get_xp(pre)
         real = (pre != 0) & (post != 0)
@@ -218,59 +364,11 @@ class EdgeAccumulator:
         if self.index is not None:
             ids = xp.asarray(self.ids)
             pre, post = ids[pre.astype(xp.int64)], ids[post.astype(xp.int64)]
-        return {"pre_id": pre.astype(xp.uint64), "post_id": post.astype(xp.uint64),
-                "n_synapses": counts.astype(xp.int64), "total_size": sums.astype(xp.int64)}
-
-    def _sort_reduce(self, keys):
-        """Sort ``keys`` in place; the runs' high bits, lengths and low-bit sums."""
-        keys.sort()
-        return self._reduce(keys)
-
-    def _reduce(self, keys):
-        """Runs of equal high bits in sorted ``keys``: high bits, lengths, low-bit sums."""
-        xp = get_xp(keys)
-        n = keys.shape[0]
-        s = xp.uint64(self.size_bits)
-        if n == 0:
-            return xp.zeros(0, xp.uint64), xp.zeros(0, xp.int64), xp.zeros(0, xp.int64)
-        if xp is not np:
-            return self._reduce_whole(keys)
-        mask = np.uint64((1 << self.size_bits) - 1)
-        edges, firsts, sums = [], [], []
-        prev = None  # high bits of the last word of the previous piece
-        carry = 0  # low-bit sum of a run that began in an earlier piece
-        for lo in range(0, n, PIECE):
-            piece = keys[lo:lo + PIECE]
-            hi = piece >> s
-            start = np.empty(piece.shape[0], bool)
-            start[0] = prev is None or hi[0] != prev
-            np.not_equal(hi[1:], hi[:-1], out=start[1:])
-            first = np.flatnonzero(start)
-            prev = hi[-1]
-            if self.size_bits:
-                low = (piece & mask).view(np.int64)
-                if first.size == 0:
-                    carry += int(low.sum())
-                    continue
-                if first[0] > 0:
-                    carry += int(low[:first[0]].sum())
-                part = np.add.reduceat(low, first)
-                if sums:
-                    sums[-1][-1] += carry
-                carry = 0
-                sums.append(part)
-            elif first.size == 0:
-                continue
-            edges.append(hi[first])
-            firsts.append(first + lo)
-        if sums and carry:
-            sums[-1][-1] += carry
-        first = np.concatenate(firsts)
-        counts = np.diff(first, append=n)
-        total = np.concatenate(sums) if self.size_bits else np.zeros(first.size, np.int64)
-        return np.concatenate(edges), counts, total
+        return {"pre_id": pre.astype(xp.uint64, copy=False), "post_id": post.astype(xp.uint64, copy=False),
+                "n_synapses": counts.astype(xp.int64, copy=False), "total_size": sums.astype(xp.int64, copy=False)}
 
     def _reduce_whole(self, keys):
+        """Runs of equal high bits in sorted ``keys`` (any array module): high bits, lengths, low-bit sums."""
         xp = get_xp(keys)
         n = keys.shape[0]
         hi = keys >> xp.uint64(self.size_bits)
@@ -324,7 +422,7 @@ def aggregate_edges(pre_id, post_id, size=None, *, ids=None, threads: int | None
         word has no room for two raw ids (64-bit root ids). Computed from
         the input when not given.
     threads : int, optional
-        Sorting threads on the CPU (1 or 2).
+        Packing and sorting threads on the CPU (default: the CPU count).
 
     Returns
     -------

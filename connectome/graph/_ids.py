@@ -8,11 +8,17 @@ tens of millions of synapse ids at a time. ``np.searchsorted`` costs
 
 * ids no larger than a few times ``n`` use a direct table ``index[id]``;
 * any other ids use an open-addressing hash table (multiply-shift hash,
-  linear probing, load factor ≤ 1/4), probed for all values at once, one
-  vectorised round per probe step (most values resolve in the first round).
+  linear probing, load factor ≤ 1/4), probed by a compiled (Numba) loop
+  that releases the GIL, large inputs split over threads; without Numba,
+  one vectorised round per probe step (most values resolve in the first
+  round).
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,6 +27,35 @@ from connectome.errors import InputError
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _DIRECT_MAX = 1 << 24  # ids below this (or below 8 n) use a direct table
 _PIECE = 1 << 18  # values looked up at a time
+_THREAD_MIN = 1 << 20  # values per thread, at least, in a threaded lookup
+
+
+@functools.cache
+def _probe_kernel():
+    """Compiled hash probe (None without Numba)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+
+    @numba.njit(nogil=True, cache=True)
+    def probe(values, table, ids, bits, mask, out):  # pragma: no cover - compiled
+        g = np.uint64(0x9E3779B97F4A7C15)
+        sh = np.uint64(64 - bits)
+        for i in range(values.shape[0]):
+            v = values[i]
+            s = np.int64((v * g) >> sh)
+            while True:
+                p = table[s]
+                if p < 0:
+                    out[i] = -1
+                    break
+                if ids[p] == v:
+                    out[i] = p
+                    break
+                s = (s + 1) & mask
+
+    return probe
 
 
 class IdIndex:
@@ -109,6 +144,8 @@ class IdIndex:
         values = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
         if self.n == 0:
             return np.full(values.shape, -1, np.int32)
+        if self._direct is None and _probe_kernel() is not None:
+            return self._lookup_compiled(values)
         if values.size > _PIECE:  # in pieces: the temporaries stay in cache
             out = np.empty(values.shape, self._direct.dtype if self._direct is not None else self._table.dtype)
             for lo in range(0, values.size, _PIECE):
@@ -130,6 +167,21 @@ class IdIndex:
             out[todo[hit]] = p[hit]
             more = ~hit & (p >= 0)
             todo, s = todo[more], s[more]
+        return out
+
+    def _lookup_compiled(self, values: np.ndarray) -> np.ndarray:
+        probe = _probe_kernel()
+        out = np.empty(values.shape, self._table.dtype)
+        parts = max(1, min(os.cpu_count() or 1, values.size // _THREAD_MIN))
+        if parts == 1:
+            probe(values, self._table, self.ids, self._bits, self._mask, out)
+            return out
+        bounds = np.linspace(0, values.size, parts + 1).astype(np.int64)
+        with ThreadPoolExecutor(parts) as pool:
+            jobs = [pool.submit(probe, values[a:b], self._table, self.ids, self._bits, self._mask, out[a:b])
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+            for job in jobs:
+                job.result()
         return out
 
     def position(self, value) -> int:

@@ -1,0 +1,249 @@
+"""Every heavy stage on the CPU and on the GPU: agreement, throughput, speed-up.
+
+One command::
+
+    python benchmarks/gpu_suite.py [--scale 1.0] [--json benchmarks/results/gpu.json]
+
+Each stage runs on synthetic data, once on the CPU (the function the stage
+uses) and, where CuPy sees a CUDA device, once on the GPU (its twin; the
+first call warms up compilation and is not timed). The agreement of the two
+outputs is checked (exact, or the stated tolerance), and a table prints
+items per second on each, the speed-up, and the GPU's fraction of the
+memory-bandwidth bound (bytes a stage must read and write once, over the
+time, over the device's peak bandwidth: 3.35 TB/s for an H100 SXM, given by
+``--bandwidth``).
+
+Without a GPU the CPU column is measured and the GPU column says "no GPU":
+no GPU figure is ever printed that was not measured. ``--scale`` multiplies
+the data sizes (the defaults are small enough for a 2-core CPU; on an H100
+use ``--scale 16`` or more so each launch fills the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from connectome.backend import gpu_available  # noqa: E402
+
+
+def _timed(fn, *args, sync=None, repeat: int = 3, **kw):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _host(a):
+    if isinstance(a, dict):
+        return {k: _host(v) for k, v in a.items()}
+    if isinstance(a, tuple):
+        return tuple(_host(v) for v in a)
+    return a.get() if hasattr(a, "get") else a
+
+
+# ------------------------------------------------------------------ stages: (name, unit, items, bytes, cpu, gpu, check)
+def stage_labels(s, cp):
+    import scipy.ndimage as ndi
+
+    from connectome import _labels_gpu, labels
+
+    n = int(round(96 * s ** (1 / 3)))
+    vol = ndi.gaussian_filter(np.random.default_rng(0).random((n, 2 * n, 2 * n)).astype(np.float32), 2) > 0.5
+    cpu = lambda: labels.label_block(vol, connectivity=1)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dvol = cp.asarray(vol)
+        gpu = lambda: _labels_gpu.label_block(dvol, connectivity=1)  # noqa: E731
+
+    def check(a, b):
+        return bool(a[1] == b[1] and np.array_equal(a[0], b[0])), "exact"
+
+    return "connected components", "Mvox", vol.size, vol.size * 9, cpu, gpu, check
+
+
+def stage_watershed(s, cp):
+    import scipy.ndimage as ndi
+
+    from connectome.em import _watershed_gpu as wg
+    from connectome.em._watershed import _seeds, _watershed
+
+    n = int(round(256 * s ** 0.5))
+    rng = np.random.default_rng(1)
+    prob = ndi.gaussian_filter(rng.random((n, n)).astype(np.float32), 3)
+    prob = ((prob - prob.min()) / np.ptp(prob)).astype(np.float32)
+    seeds, _, dist = _seeds(prob, 0.5, (1.0, 1.0), 3.0, 1.0, 16.0)
+    cpu = lambda: _watershed(prob, seeds, dist, 16.0)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dp, ds, dd = cp.asarray(prob), cp.asarray(seeds), cp.asarray(dist)
+        gpu = lambda: wg._watershed(dp, ds, dd, 16.0)  # noqa: E731
+
+    def check(a, b):
+        agree = float(np.mean(a == b))
+        return agree >= 0.995, f"{agree:.4f} of voxels agree (ties differ)"
+
+    return "seeded watershed (2-D)", "Mvox", prob.size, prob.size * 17, cpu, gpu, check
+
+
+def stage_forest(s, cp):
+    from sklearn.ensemble import RandomForestClassifier
+
+    from connectome.em import _forest_gpu
+    from connectome.em._boundaries import FeatureSpec
+    from connectome.em._classifier import from_sklearn
+
+    spec = FeatureSpec()
+    f = spec.n_features
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4000, f)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int)
+    model = from_sklearn(RandomForestClassifier(n_estimators=16, max_depth=10, random_state=0).fit(x, y), spec)
+    n = int(200_000 * s)
+    feats = rng.normal(size=(f, n)).astype(np.float32)
+    cpu = lambda: model.predict_features(feats)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        df = cp.asarray(feats)
+        gpu = lambda: _forest_gpu.predict_features(model, df)  # noqa: E731
+
+    def check(a, b):
+        return bool(np.array_equal(a, b)), "bit-exact"
+
+    return "forest inference (16 trees)", "Mvox", n, feats.nbytes + 4 * n, cpu, gpu, check
+
+
+def stage_rag(s, cp):
+    import scipy.ndimage as ndi
+
+    from connectome.em._rag_gpu import edge_statistics
+
+    n = int(round(64 * s ** (1 / 3)))
+    rng = np.random.default_rng(3)
+    frag = ndi.zoom(rng.integers(1, 5000, (n // 4, n // 4, n // 4)), 4, order=0).astype(np.uint64)
+    prob = rng.random(frag.shape).astype(np.float32)
+    cpu = lambda: edge_statistics(frag, prob)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dfr, dpr = cp.asarray(frag), cp.asarray(prob)
+        gpu = lambda: edge_statistics(dfr, dpr)  # noqa: E731
+
+    def check(a, b):
+        ok = all(np.array_equal(a[k], b[k]) for k in ("u", "v", "count", "hist", "total"))
+        return ok, "exact"
+
+    return "RAG edge statistics", "Mvox", frag.size, frag.size * 12, cpu, gpu, check
+
+
+def stage_aggregate(s, cp):
+    from connectome.graph import aggregate_edges
+
+    n = int(20_000_000 * s)
+    rng = np.random.default_rng(4)
+    pre = rng.integers(1, 140_000, n).astype(np.uint32)
+    post = rng.integers(1, 140_000, n).astype(np.uint32)
+    size = rng.integers(1, 10_000, n).astype(np.int32)
+    cpu = lambda: aggregate_edges(pre, post, size)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dp, dq, ds = cp.asarray(pre), cp.asarray(post), cp.asarray(size)
+        gpu = lambda: aggregate_edges(dp, dq, ds)  # noqa: E731
+
+    def check(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a), "exact"
+
+    return "synapse -> edge aggregation", "Msyn", n, n * (4 + 4 + 4 + 8 * 2), cpu, gpu, check
+
+
+def stage_oasis(s, cp):
+    from connectome.twophoton.deconvolution import oasis
+
+    n = int(2000 * s)
+    t = 1000
+    rng = np.random.default_rng(5)
+    spikes = (rng.random((n, t)) < 0.02).astype(np.float64)
+    calcium = np.zeros_like(spikes)
+    for k in range(1, t):
+        calcium[:, k] = 0.95 * calcium[:, k - 1] + spikes[:, k]
+    traces = calcium + rng.normal(0, 0.2, calcium.shape)
+    decay = np.full(n, 0.95)
+    cpu = lambda: oasis(traces, decay)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dtr, dde = cp.asarray(traces), cp.asarray(decay)
+        gpu = lambda: oasis(dtr, dde)  # noqa: E731
+
+    def check(a, b):
+        a, b = (x[0] if isinstance(x, tuple) else x for x in (a, b))
+        err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        return err < 1e-6, f"max |diff| {err:.1e}"
+
+    return "OASIS (AR1, 1000 frames)", "traces", n, traces.nbytes * 2, cpu, gpu, check
+
+
+STAGES = (stage_labels, stage_watershed, stage_forest, stage_rag, stage_aggregate, stage_oasis)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the data sizes")
+    p.add_argument("--bandwidth", type=float, default=3.35e12, help="device peak memory bandwidth, bytes/s")
+    p.add_argument("--only", default="", help="comma-separated stage function names")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    cp = None
+    device = "no GPU"
+    if gpu_available():
+        import cupy as cp
+
+        device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    sync = (lambda: cp.cuda.Device().synchronize()) if cp is not None else None
+    rows = []
+    only = set(filter(None, a.only.split(",")))
+    for make in STAGES:
+        if only and make.__name__ not in only:
+            continue
+        name, unit, items, nbytes, cpu, gpu, check = make(a.scale, cp)
+        scale = 1e6 if unit.startswith("M") else 1.0
+        t_cpu, out_cpu = _timed(cpu, repeat=2)
+        row = {"stage": name, "unit": unit, "items": items, "cpu_s": t_cpu, "cpu_rate": items / t_cpu / scale}
+        if gpu is not None:
+            gpu()  # compile / warm up
+            sync()
+            t_gpu, out_gpu = _timed(gpu, sync=sync)
+            ok, how = check(_host(out_cpu), _host(out_gpu))
+            row |= {"gpu_s": t_gpu, "gpu_rate": items / t_gpu / scale, "speedup": t_cpu / t_gpu,
+                    "bandwidth_fraction": nbytes / t_gpu / a.bandwidth, "agree": ok, "agreement": how}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'stage':32s} {'unit':>6s} {'CPU /s':>10s} {'GPU /s':>10s} {'speed-up':>9s} {'of BW':>7s}  agreement")
+    for r in rows:
+        g = (f"{r['gpu_rate']:10.1f} {r['speedup']:9.1f} {r['bandwidth_fraction']:7.1%}  "
+             f"{'ok' if r['agree'] else 'DIFFER'} ({r['agreement']})") if "gpu_s" in r else f"{'no GPU':>10s}"
+        print(f"{r['stage']:32s} {r['unit']:>6s} {r['cpu_rate']:10.1f} {g}")
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device, "cpu": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "scale": a.scale, "rows": rows}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=2))
+    if any(not r.get("agree", True) for r in rows):
+        raise SystemExit("some GPU results differ from the CPU's beyond their tolerance")
+    return result
+
+
+if __name__ == "__main__":
+    main()
