@@ -1,0 +1,991 @@
+"""Cell (ROI) detection in two-photon movies: activity and anatomy (NumPy or CuPy).
+
+Two detectors work on one plane of one spatial tile:
+
+* :func:`detect_activity` finds cells that fire. It takes a temporally binned
+  movie (a few hundred bins at most, so memory is bounded by tile × bins),
+  removes slow drifts and the spatially smooth neuropil, normalises every
+  pixel by its noise and looks, greedily, for the place where the
+  cell-sized, smoothed movie has the most energy above threshold. Each seed
+  gets a footprint and a trace from a local rank-1 non-negative
+  factorisation, which is then peeled off the movie before the next seed is
+  searched. When no seed is left, all footprints and traces are refined
+  together by hierarchical alternating least squares (HALS) on their local
+  windows, so overlapping cells keep separate weighted footprints (a pixel
+  can belong to two ROIs with different weights).
+* :func:`detect_anatomical` finds cells in the mean image whether they fire
+  or not: the mean image less a top-hat background is matched against
+  filled and ring-shaped (nuclear-excluded) cell templates at three sizes;
+  cells are taken strongest first and subtracted, so that a dim cell
+  touching a bright one is found after it, and the pixels are shared out
+  by the fitted templates.
+
+:func:`detect_rois` runs both, drops anatomical ROIs that repeat an activity
+ROI, and returns one :class:`ROISet` with the source of every ROI.
+
+Notes
+-----
+The activity search is the idea of suite2p's ``sparsery`` (Pachitariu et al.
+2017, bioRxiv 061507): binned movie, spatial high-pass, noise normalisation,
+iterative peak search with peeling. The footprint refinement is CaImAn's
+greedy initialisation followed by HALS (Giovannucci et al. 2019, eLife
+8:e38173; Cichocki & Phan 2009, IEICE Trans. Fundamentals E92-A:708; Pnevmatikakis
+et al. 2016, Neuron 89:285). The anatomical detector is matched filtering
+with matching pursuit (Mallat & Zhang 1993, IEEE Trans. Signal Process.
+41:3397) on a top-hat background-subtracted image (Sternberg 1983).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from connectome.backend import get_xp, ndimage_for, to_numpy
+from connectome.errors import InputError
+
+__all__ = [
+    "ROISet",
+    "anatomical_scale",
+    "bin_frames",
+    "compactness",
+    "contrast_image",
+    "detect_activity",
+    "detect_anatomical",
+    "detect_rois",
+    "merge_duplicates",
+    "merge_planes",
+    "prepare_movie",
+]
+
+SOURCES = ("activity", "anatomical")
+
+
+# --------------------------------------------------------------------------- ROI container
+
+
+@dataclass
+class ROISet:
+    """ROIs of one image (a tile or a whole plane), footprints as sparse weights.
+
+    ``n`` ROIs, ``m`` footprint pixels in all; pixel coordinates are those of
+    the image the ROIs were found in (``ndim`` = 2 for a plane, 3 for a volume).
+
+    Attributes
+    ----------
+    roi : (m,) int32
+        ROI index ``0 … n-1`` of each footprint pixel.
+    coords : (m, ndim) int32
+        Pixel coordinates.
+    weight : (m,) float32
+        Footprint weight, ``0 < w <= 1``, max 1 per ROI.
+    traces : (n, nb) float32
+        Binned, high-passed, noise-normalised activity trace of each ROI
+        (zeros for anatomical ROIs).
+    source : (n,) object
+        ``"activity"`` or ``"anatomical"``.
+    scores : dict of (n,) float arrays
+        ``score`` (detection statistic: activity energy or blob contrast),
+        ``peak_to_noise`` (trace peak over its noise; 0 for anatomical ROIs).
+    """
+
+    roi: np.ndarray
+    coords: np.ndarray
+    weight: np.ndarray
+    traces: np.ndarray
+    source: np.ndarray
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.source))
+
+    @property
+    def ndim(self) -> int:
+        return int(self.coords.shape[1])
+
+    @classmethod
+    def empty(cls, ndim: int = 2, n_bins: int = 0) -> "ROISet":
+        return cls(np.zeros(0, np.int32), np.zeros((0, ndim), np.int32), np.zeros(0, np.float32),
+                   np.zeros((0, n_bins), np.float32), np.zeros(0, object),
+                   {"score": np.zeros(0), "peak_to_noise": np.zeros(0)})
+
+    @classmethod
+    def from_list(cls, footprints, traces, sources, scores, ndim: int = 2, n_bins: int = 0) -> "ROISet":
+        """From per-ROI ``(coords (k, ndim), weights (k,))`` pairs and per-ROI values."""
+        if not footprints:
+            return cls.empty(ndim, n_bins)
+        roi = np.concatenate([np.full(len(w), i, np.int32) for i, (_, w) in enumerate(footprints)])
+        coords = np.concatenate([np.asarray(c, np.int32).reshape(-1, ndim) for c, _ in footprints])
+        weight = np.concatenate([np.asarray(w, np.float32) for _, w in footprints])
+        return cls(roi, coords, weight, np.asarray(traces, np.float32).reshape(len(footprints), -1),
+                   np.asarray(list(sources), object), {k: np.asarray(v, np.float64) for k, v in scores.items()})
+
+    def footprint(self, i: int):
+        """``(coords, weights)`` of ROI ``i``."""
+        sel = self.roi == i
+        return self.coords[sel], self.weight[sel]
+
+    def split(self) -> list:
+        """Per-ROI ``(coords, weights)`` list (one pass over the pixels)."""
+        order = np.argsort(self.roi, kind="stable")
+        bounds = np.searchsorted(self.roi[order], np.arange(self.n + 1))
+        return [(self.coords[order[a:b]], self.weight[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def centroids(self) -> np.ndarray:
+        """(n, ndim) weighted centroids."""
+        w = self.weight.astype(np.float64)
+        tot = np.bincount(self.roi, w, minlength=self.n)
+        out = np.stack([np.bincount(self.roi, w * self.coords[:, d], minlength=self.n)
+                        for d in range(self.ndim)], axis=1)
+        return out / np.maximum(tot, 1e-12)[:, None]
+
+    def areas(self) -> np.ndarray:
+        """(n,) number of pixels with a positive weight."""
+        return np.bincount(self.roi[self.weight > 0], minlength=self.n)
+
+    def subset(self, keep) -> "ROISet":
+        """The ROIs ``keep`` (indices, in that order), renumbered ``0 …``."""
+        keep = np.asarray(keep, np.int64)
+        new = np.full(self.n, -1, np.int64)
+        new[keep] = np.arange(len(keep))
+        sel = new[self.roi] >= 0
+        order = np.argsort(new[self.roi[sel]], kind="stable")
+        return ROISet(new[self.roi[sel]][order].astype(np.int32), self.coords[sel][order], self.weight[sel][order],
+                      self.traces[keep], self.source[keep], {k: np.asarray(v)[keep] for k, v in self.scores.items()})
+
+    def shifted(self, offset) -> "ROISet":
+        """The same ROIs with ``offset`` added to the coordinates (tile → field of view)."""
+        return ROISet(self.roi, self.coords + np.asarray(offset, np.int32), self.weight, self.traces,
+                      self.source, dict(self.scores))
+
+    @staticmethod
+    def concatenate(sets) -> "ROISet":
+        sets = [s for s in sets if s.n]
+        if not sets:
+            return ROISet.empty()
+        nb = max(s.traces.shape[1] for s in sets)
+        offs = np.cumsum([0] + [s.n for s in sets])
+        traces = np.concatenate([np.pad(s.traces, ((0, 0), (0, nb - s.traces.shape[1]))) for s in sets])
+        keys = sorted(set().union(*(s.scores for s in sets)))
+        return ROISet(np.concatenate([s.roi + o for s, o in zip(sets, offs)]).astype(np.int32),
+                      np.concatenate([s.coords for s in sets]), np.concatenate([s.weight for s in sets]),
+                      traces, np.concatenate([s.source for s in sets]),
+                      {k: np.concatenate([np.asarray(s.scores.get(k, np.zeros(s.n)), np.float64) for s in sets])
+                       for k in keys})
+
+    def label_image(self, shape) -> np.ndarray:
+        """int32 label image: ``i + 1`` where ROI ``i`` has the largest weight, 0 elsewhere."""
+        lab = np.zeros(shape, np.int32)
+        if not self.n:
+            return lab
+        order = np.lexsort((-self.roi, self.weight))  # ascending weight; ties: the lower id is written last
+        c = self.coords[order]
+        lab[tuple(c.T)] = self.roi[order] + 1
+        return lab
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def bin_frames(frames, bin_size: int):
+    """Mean of consecutive groups of ``bin_size`` frames (the last group may be shorter).
+
+    Parameters
+    ----------
+    frames : (T, ...) array
+    bin_size : int
+
+    Returns
+    -------
+    (ceil(T / bin_size), ...) float32 array, same backend as ``frames``.
+    """
+    xp = get_xp(frames)
+    bin_size = int(bin_size)
+    if bin_size < 1:
+        raise InputError(f"bin_size must be >= 1, got {bin_size}")
+    T = frames.shape[0]
+    nfull = T // bin_size
+    out = []
+    if nfull:
+        x = xp.asarray(frames[: nfull * bin_size], dtype=xp.float32)
+        out.append(x.reshape((nfull, bin_size) + x.shape[1:]).mean(axis=1, dtype=xp.float32))
+    if T > nfull * bin_size:
+        out.append(xp.asarray(frames[nfull * bin_size:], dtype=xp.float32).mean(axis=0, dtype=xp.float32)[None])
+    if not out:
+        return xp.zeros((0,) + frames.shape[1:], xp.float32)
+    return xp.concatenate(out) if len(out) > 1 else out[0]
+
+
+def compactness(coords) -> float:
+    """Mean distance of the pixels to their centroid over that of a disk of equal area (1 = disk).
+
+    As suite2p's ``compact``: larger for elongated or scattered footprints.
+    """
+    c = np.asarray(coords, np.float64)
+    if len(c) < 2:
+        return 1.0
+    d = np.sqrt(((c - c.mean(axis=0)) ** 2).sum(axis=1)).mean()
+    r = math.sqrt(len(c) / math.pi)
+    disk = 2.0 / 3.0 * r  # mean distance to the centre in a continuous disk of radius r
+    return float(max(d, 1e-6) / max(disk, 0.5))
+
+
+def _noise_diff(x, xp):
+    """Per-pixel noise along axis 0 from the median absolute successive difference.
+
+    Differences cancel slow signal and baseline drift; the median ignores the
+    few large steps at the onset of calcium transients.
+    """
+    if x.shape[0] < 3:
+        return xp.ones(x.shape[1:], x.dtype)
+    d = xp.diff(x, axis=0)
+    return (1.4826 / math.sqrt(2) * xp.median(xp.abs(d), axis=0)).astype(x.dtype)
+
+
+def _component(mask, seed, ndi, xp):
+    """The connected component of ``mask`` holding ``seed`` (empty when the seed is off)."""
+    if not bool(mask[seed]):
+        return xp.zeros_like(mask)
+    lab, _ = ndi.label(mask)
+    return lab == lab[seed]
+
+
+def _validate_movie(binned, name="binned"):
+    if binned.ndim != 3:
+        raise InputError(f"{name} must be a (bins, y, x) array, got shape {tuple(binned.shape)}")
+    if binned.shape[1] < 3 or binned.shape[2] < 3:
+        raise InputError(f"{name} has a {binned.shape[1]}x{binned.shape[2]} field; expected at least 3x3 pixels")
+
+
+# --------------------------------------------------------------------------- activity
+
+
+def prepare_movie(binned, diameter: float, high_pass_bins: float = 25.0, noise_floor: float = 0.7, baseline=None):
+    """High-pass in time and space and normalise by the noise: the detection movie.
+
+    Parameters
+    ----------
+    binned : (B, Y, X) array
+        Temporally binned movie of one plane.
+    diameter : float
+        Expected cell diameter, pixels; the neuropil high-pass has this sigma.
+    high_pass_bins : float
+        Sigma, in bins, of the Gaussian baseline removed from every pixel.
+    noise_floor : float
+        Per-pixel noise is at least this fraction of the median pixel's.
+    baseline : (Y, X) array, optional
+        Resting image (the mean image): the neuropil estimate removed from a
+        pixel is scaled by its brightness relative to its surround (at most 1).
+
+    Returns
+    -------
+    (B, Y, X) float32 array: zero-mean, unit-noise movie.
+    """
+    xp = get_xp(binned)
+    ndi = ndimage_for(xp)
+    y = xp.asarray(binned, dtype=xp.float32)
+    B = y.shape[0]
+    if B > 3 * high_pass_bins:
+        y = y - ndi.gaussian_filter1d(y, sigma=high_pass_bins, axis=0, mode="nearest")
+    else:
+        y = y - y.mean(axis=0, keepdims=True)
+    if baseline is not None:
+        # neuropil fluctuations scale with a pixel's resting brightness: a dark vessel sees little of them
+        base = xp.asarray(baseline, dtype=xp.float32)
+        base = base - float(xp.percentile(base, 1))
+        ratio = xp.clip(base / xp.maximum(ndi.gaussian_filter(base, diameter, mode="reflect"), 1e-6), 0, 1)
+        y = y - ndi.gaussian_filter(y, sigma=(0, diameter, diameter), mode="reflect") * ratio[None]
+    else:
+        y = y - ndi.gaussian_filter(y, sigma=(0, diameter, diameter), mode="reflect")
+    noise = _noise_diff(y, xp)
+    # dark pixels (vessels) have little shot noise: a floor keeps the neuropil's leftovers there from looking active
+    floor = max(float(xp.median(noise)) * noise_floor, 1e-12)
+    return (y / xp.maximum(noise, floor)[None]).astype(xp.float32)
+
+
+def _smooth(y, sigma, ndi, xp):
+    """Cell-scale spatial smoothing, renormalised to unit noise per pixel."""
+    s = ndi.gaussian_filter(y, sigma=(0, sigma, sigma), mode="reflect")
+    n = _noise_diff(s, xp)
+    n = xp.maximum(n, max(float(xp.median(n)) * 1e-3, 1e-12))
+    return s / n[None], n
+
+
+def _energy(s, threshold, xp):
+    """Activity statistic per pixel: sum over bins of the squared excess over ``threshold``."""
+    e = xp.maximum(s - threshold, 0)
+    return (e * e).sum(axis=0)
+
+
+def _disk(radius: float):
+    r = int(math.ceil(radius))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (yy * yy + xx * xx) <= radius * radius
+
+
+def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_energy: float | None = None,
+                    energy_threshold: float = 80.0,
+                    max_rois: int = 2000, footprint_threshold: float = 0.2, high_pass_bins: float = 25.0,
+                    n_hals: int = 3, min_area: float | None = None, max_area: float | None = None,
+                    max_compactness: float = 2.0, prepared: bool = False, baseline=None) -> ROISet:
+    """Cells that fire: greedy search on the binned movie, local NMF, HALS refinement.
+
+    Parameters
+    ----------
+    binned : (B, Y, X) array, NumPy or CuPy
+        Temporally binned movie of one plane (or the output of
+        :func:`prepare_movie` with ``prepared=True``).
+    diameter : float
+        Expected cell diameter, pixels.
+    threshold : float
+        Noise units of the smoothed movie above which a bin counts as activity.
+    min_energy : float, optional
+        Stop when the best remaining pixel has less activity energy than this
+        (sum over bins of the squared excess over ``threshold``). Default:
+        ``energy_threshold`` robust spreads of the first energy map, which
+        does not depend on the number of bins.
+    energy_threshold : float
+        See ``min_energy``.
+    max_rois : int
+        Upper bound on the number of ROIs.
+    footprint_threshold : float
+        Footprint pixels below this fraction of the ROI's maximum weight are dropped.
+    high_pass_bins : float
+        See :func:`prepare_movie`.
+    n_hals : int
+        Passes of the joint HALS refinement (0 = none).
+    min_area, max_area : float, optional
+        Accepted footprint sizes, pixels; default 0.2x and 3x the area of a
+        disk of diameter ``diameter``.
+    max_compactness : float
+        Footprints less compact than this (see :func:`compactness`) are dropped.
+    prepared : bool
+        ``binned`` is already high-passed and noise-normalised.
+    baseline : (Y, X) array, optional
+        The mean image, see :func:`prepare_movie`.
+
+    Returns
+    -------
+    ROISet
+        Source ``"activity"``; traces are the ROIs' HALS traces (noise units).
+
+    Notes
+    -----
+    Greedy search and peeling as suite2p's ``sparsery`` (Pachitariu et al.
+    2017); rank-1 local NMF per seed and joint HALS refinement as CaImAn
+    (Giovannucci et al. 2019; Cichocki & Phan 2009).
+    """
+    _validate_movie(binned)
+    xp = get_xp(binned)
+    ndi = ndimage_for(xp)
+    y = xp.asarray(binned, dtype=xp.float32) if prepared else prepare_movie(binned, diameter, high_pass_bins,
+                                                                                      baseline=baseline)
+    y = y.copy() if prepared else y
+    B, H, W = y.shape
+    r_disk = diameter / 2.0
+    area_disk = math.pi * r_disk * r_disk
+    min_area = 0.2 * area_disk if min_area is None else min_area
+    max_area = 3.0 * area_disk if max_area is None else max_area
+    sigma_s = max(diameter / 6.0, 0.75)
+    R = int(math.ceil(diameter))  # half-size of the window a cell is fitted in
+    pad = int(math.ceil(4 * sigma_s)) + 1
+    s, s_noise = _smooth(y, sigma_s, ndi, xp)
+    energy = _energy(s, threshold, xp)
+    if min_energy is None:
+        # the energy of the background pixels grows with the number of bins (and with the neuropil
+        # left over in real data): the stopping level is a multiple of its robust spread
+        med = float(xp.median(energy))
+        min_energy = float(energy_threshold) * max(1.4826 * float(xp.median(xp.abs(energy - med))), 1e-6)
+    blocked = xp.zeros((H, W), bool)
+    found = []  # (y0, x0, a (h, w), c (B,), mask, score)
+    seed_disk = xp.asarray(_disk(max(r_disk / 2, 1.0)))
+    while len(found) < max_rois:
+        e = xp.where(blocked, 0, energy)
+        p = int(xp.argmax(e))
+        py, px = divmod(p, W)
+        best = float(e[py, px])
+        if not best >= min_energy:
+            break
+        y0, y1 = max(py - R, 0), min(py + R + 1, H)
+        x0, x1 = max(px - R, 0), min(px + R + 1, W)
+        win = y[:, y0:y1, x0:x1]
+        seed = (py - y0, px - x0)
+        c = s[:, py, px]
+        active = c > threshold
+        if int(active.sum()) < 1:
+            active = c >= xp.sort(c)[-3]
+        a = xp.maximum(win[active].mean(axis=0), 0)
+        mask = None
+        for _ in range(3):
+            mask = _component(a >= footprint_threshold * float(a.max()), seed, ndi, xp) if float(a.max()) > 0 else None
+            if mask is None or not bool(mask.any()):
+                mask = None
+                break
+            a = a * mask
+            c = xp.maximum(xp.tensordot(win, a, axes=([1, 2], [0, 1])) / float((a * a).sum()), 0)
+            cc = float((c * c).sum())
+            if cc <= 0:
+                mask = None
+                break
+            a = xp.maximum(xp.tensordot(c, win, axes=(0, 0)) / cc, 0)
+        ok = mask is not None
+        if ok:
+            a = a * ndi.binary_dilation(mask, iterations=1)
+            peak_val = float(a.max())
+            keep = _component(a >= footprint_threshold * peak_val, seed if bool(a[seed] > 0) else
+                              tuple(int(v) for v in xp.unravel_index(xp.argmax(a), a.shape)), ndi, xp)
+            a = a * keep
+            area = int(keep.sum())
+            ok = min_area <= area <= max_area and float((c * c).sum()) > 0
+        if not ok:
+            # nothing cell-like here: never pick this place again
+            dy0, dx0 = py - seed_disk.shape[0] // 2, px - seed_disk.shape[1] // 2
+            sy = slice(max(dy0, 0), min(dy0 + seed_disk.shape[0], H))
+            sx = slice(max(dx0, 0), min(dx0 + seed_disk.shape[1], W))
+            blocked[sy, sx] |= seed_disk[sy.start - dy0:sy.stop - dy0, sx.start - dx0:sx.stop - dx0]
+            continue
+        # peel the cell off the movie, then refresh the statistic around it
+        y[:, y0:y1, x0:x1] -= c[:, None, None] * a[None]
+        zy0, zy1 = max(y0 - pad, 0), min(y1 + pad, H)
+        zx0, zx1 = max(x0 - pad, 0), min(x1 + pad, W)
+        py0, py1 = max(zy0 - pad, 0), min(zy1 + pad, H)
+        px0, px1 = max(zx0 - pad, 0), min(zx1 + pad, W)
+        sub = ndi.gaussian_filter(y[:, py0:py1, px0:px1], sigma=(0, sigma_s, sigma_s), mode="reflect")
+        # the noise scale of the first pass keeps energies comparable between iterations
+        s[:, zy0:zy1, zx0:zx1] = sub[:, zy0 - py0:zy1 - py0, zx0 - px0:zx1 - px0] / s_noise[None, zy0:zy1, zx0:zx1]
+        energy[zy0:zy1, zx0:zx1] = _energy(s[:, zy0:zy1, zx0:zx1], threshold, xp)
+        found.append([y0, x0, a, c, best])
+    return _finish_activity(found, y, xp, ndi, n_hals, footprint_threshold, min_area, max_area, max_compactness,
+                            diameter)
+
+
+def _robust_noise(trace) -> float:
+    """Noise of a trace from the median absolute successive difference."""
+    d = np.diff(np.asarray(trace, np.float64))
+    if len(d) < 2:
+        return 1.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2)) or 1.0
+
+
+def _finish_activity(found, resid, xp, ndi, n_hals, footprint_threshold, min_area, max_area, max_compactness,
+                     diameter):
+    """Joint HALS on the local windows, then final footprints, shape filters and scores."""
+    B = resid.shape[0]
+    comps = []
+    for y0, x0, a, c, score in found:
+        comps.append({"y0": y0, "x0": x0, "a": a, "c": c, "score": score, "support": a > 0})
+    for _ in range(n_hals):
+        for k in comps:
+            h, w = k["a"].shape
+            sl = (slice(None), slice(k["y0"], k["y0"] + h), slice(k["x0"], k["x0"] + w))
+            a, c = k["a"], k["c"]
+            win = resid[sl] + c[:, None, None] * a[None]
+            aa = float((a * a).sum())
+            if aa > 0:
+                c = xp.maximum(xp.tensordot(win, a, axes=([1, 2], [0, 1])) / aa, 0)
+            cc = float((c * c).sum())
+            if cc > 0:
+                support = ndi.binary_dilation(k["support"], iterations=1)
+                a = xp.maximum(xp.tensordot(c, win, axes=(0, 0)) / cc, 0) * support
+                if float(a.max()) > 0:
+                    peak = tuple(int(v) for v in xp.unravel_index(xp.argmax(a), a.shape))
+                    keep = _component(a >= footprint_threshold * float(a.max()), peak, ndi, xp)
+                    a = a * keep
+                    k["support"] = keep
+            resid[sl] = win - c[:, None, None] * a[None]
+            k["a"], k["c"] = a, c
+    footprints, traces, scores = [], [], {"score": [], "peak_to_noise": []}
+    for k in comps:
+        a = to_numpy(k["a"]).astype(np.float64)
+        c = to_numpy(k["c"]).astype(np.float64)
+        if a.max() <= 0 or not np.any(c > 0):
+            continue
+        a = a / a.max()
+        c = c * float(to_numpy(k["a"]).max())
+        yy, xx = np.nonzero(a > 0)
+        area = len(yy)
+        if not min_area <= area <= max_area:
+            continue
+        coords = np.stack([yy + k["y0"], xx + k["x0"]], axis=1)
+        if compactness(coords) > max_compactness:
+            continue
+        footprints.append((coords, a[yy, xx]))
+        traces.append(c.astype(np.float32))
+        scores["score"].append(k["score"])
+        scores["peak_to_noise"].append((c.max() - np.median(c)) / _robust_noise(c))
+    rois = ROISet.from_list(footprints, np.array(traces, np.float32).reshape(len(traces), B),
+                            ["activity"] * len(footprints), scores, ndim=2, n_bins=B)
+    return _drop_satellites(merge_duplicates(rois), diameter)
+
+
+def _drop_satellites(rois: ROISet, diameter: float, min_corr: float = 0.9, max_ratio: float = 0.3) -> ROISet:
+    """Drop weak ROIs next to a much stronger one with the same trace (leftovers of its halo)."""
+    if rois.n < 2:
+        return rois
+    c = rois.centroids()
+    t = rois.traces.astype(np.float64)
+    t = t - t.mean(axis=1, keepdims=True)
+    t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    corr = t @ t.T
+    dist = np.sqrt(((c[:, None] - c[None]) ** 2).sum(axis=2))
+    score = np.asarray(rois.scores["score"], np.float64)
+    sat = (corr > min_corr) & (dist < 1.5 * diameter) & (score[:, None] < max_ratio * score[None, :])
+    return rois.subset(np.flatnonzero(~sat.any(axis=1)))
+
+
+def _overlaps(rois: ROISet, shape=None):
+    """Sparse pairwise footprint overlaps: (i, j, shared weight products, shared pixel count), i < j."""
+    import scipy.sparse as sp
+
+    if rois.n < 2:
+        return np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0)
+    lo = rois.coords.min(axis=0)
+    shape = tuple(rois.coords.max(axis=0) - lo + 1)
+    flat = np.ravel_multi_index(tuple((rois.coords - lo).T), shape)
+    A = sp.csr_matrix((rois.weight.astype(np.float64), (rois.roi, flat)), shape=(rois.n, int(np.prod(shape))))
+    M = (A > 0).astype(np.float64)
+    prod = (A @ A.T).tocoo()
+    shared = (M @ M.T).tocsr()
+    sel = prod.row < prod.col
+    i, j = prod.row[sel], prod.col[sel]
+    return np.stack([i, j], axis=1), prod.data[sel], np.asarray(shared[i, j]).ravel()
+
+
+def merge_duplicates(rois: ROISet, *, max_cosine: float = 0.6, min_trace_corr: float = 0.8,
+                     max_shared: float = 0.5, rank=None) -> ROISet:
+    """Drop ROIs that repeat another: the weaker of each duplicate pair goes.
+
+    Two activity ROIs are duplicates when their footprints' cosine
+    similarity exceeds ``max_cosine`` and their traces correlate above
+    ``min_trace_corr``; any two ROIs are when more than ``max_shared`` of the
+    smaller one's pixels are shared. An anatomical ROI never beats an
+    activity ROI; otherwise the higher ``rank`` (default: ``score``) wins.
+
+    Parameters
+    ----------
+    rois : ROISet
+    rank : (n,) array, optional
+        Preference among duplicates (e.g. how deep a ROI lies inside the
+        tile that found it).
+
+    Returns
+    -------
+    ROISet
+        The kept ROIs, in their original order.
+    """
+    if rois.n < 2:
+        return rois
+    pairs, prod, shared = _overlaps(rois)
+    if not len(pairs):
+        return rois
+    norms = np.sqrt(np.bincount(rois.roi, rois.weight.astype(np.float64) ** 2, minlength=rois.n))
+    areas = rois.areas()
+    cos = prod / np.maximum(norms[pairs[:, 0]] * norms[pairs[:, 1]], 1e-12)
+    frac = shared / np.maximum(np.minimum(areas[pairs[:, 0]], areas[pairs[:, 1]]), 1)
+    t = rois.traces.astype(np.float64)
+    t = t - t.mean(axis=1, keepdims=True)
+    tn = np.linalg.norm(t, axis=1)
+    corr = np.einsum("ij,ij->i", t[pairs[:, 0]], t[pairs[:, 1]]) / np.maximum(tn[pairs[:, 0]] * tn[pairs[:, 1]], 1e-12)
+    both_active = (rois.source[pairs[:, 0]] == "activity") & (rois.source[pairs[:, 1]] == "activity")
+    dup = (frac > max_shared) | (both_active & (cos > max_cosine) & (corr > min_trace_corr))
+    pref = np.asarray(rois.scores.get("score", np.zeros(rois.n)) if rank is None else rank, np.float64)
+    rank = np.where(rois.source == "activity", 1.0, 0.0) * 1e12 + pref
+    alive = np.ones(rois.n, bool)
+    order = np.argsort(-np.maximum(rank[pairs[dup, 0]], rank[pairs[dup, 1]]), kind="stable")
+    for i, j in pairs[dup][order]:
+        if alive[i] and alive[j]:
+            loser = j if (rank[i], -i) >= (rank[j], -j) else i
+            alive[loser] = False
+    return rois.subset(np.flatnonzero(alive))
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+def contrast_image(mean_image, diameter: float, opening: float = 0.75):
+    """The mean image less its background: a white top-hat at the cell scale.
+
+    The background is the grey-scale opening of the (lightly smoothed) mean
+    image by a disk of ``opening`` x ``diameter`` pixels radius, then
+    smoothed: bright objects narrower than the disk (cells, touching pairs)
+    are removed from it, dark ones (blood vessels) and the smooth neuropil
+    are kept, so that the difference is zero there and positive on cells.
+
+    Parameters
+    ----------
+    mean_image : (Y, X) array
+    diameter : float
+        Cell diameter, pixels.
+    opening : float
+        Radius of the opening disk, in cell diameters.
+
+    Returns
+    -------
+    (Y, X) float64 NumPy array, the mean image's units.
+
+    Notes
+    -----
+    Rolling-ball / top-hat background subtraction (Sternberg 1983, Computer
+    33:22; Serra 1982).
+    """
+    import scipy.ndimage as sndi
+
+    m = np.asarray(to_numpy(mean_image), np.float64)
+    finite = np.isfinite(m)
+    if not finite.all():
+        m = np.where(finite, m, np.nanmedian(m) if finite.any() else 0.0)
+    ms = sndi.gaussian_filter(m, 1.0, mode="reflect")
+    bg = sndi.grey_opening(ms, footprint=_disk(max(opening * diameter, 1.0)), mode="reflect")
+    return m - sndi.gaussian_filter(bg, 2.0, mode="reflect")
+
+
+def _templates(radius: float, scales=(0.8, 1.0, 1.2), edge: float = 0.7) -> list:
+    """Disk and ring (nuclear-excluded) cell templates, and their centre-surround matched filters.
+
+    Each filter is the template minus its mean over a disk of twice its
+    radius, with unit norm: its response to a flat or linearly varying
+    background is zero.
+    """
+    out = []
+    for sc in scales:
+        rho = radius * sc
+        R = int(math.ceil(2 * rho))
+        yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
+        d = np.hypot(yy, xx)
+        win = d <= 2 * rho
+        disk = 0.5 * (1 + np.tanh((rho - d) / (2 * edge)))
+        nucleus = 0.5 * (1 + np.tanh((0.6 * rho - d) / (2 * edge)))
+        for kind, t in (("disk", disk), ("ring", disk * (1 - 0.8 * nucleus))):
+            f = np.where(win, t - t[win].mean(), 0.0)
+            f /= np.linalg.norm(f)
+            out.append({"rho": rho, "kind": kind, "template": t, "filter": f[::-1, ::-1].copy(),
+                        "gain": float((f * t).sum()), "R": R})
+    return out
+
+
+def _responses(z, templates) -> np.ndarray:
+    from scipy.signal import fftconvolve
+
+    return np.stack([fftconvolve(z, t["filter"], mode="same") for t in templates])
+
+
+def anatomical_scale(mean_image, diameter: float) -> np.ndarray:
+    """Robust spread of each template's response over an image: the unit of the anatomical threshold.
+
+    Pass the whole plane's to :func:`detect_anatomical` (``scale=``) so that
+    all tiles of a plane share one threshold.
+
+    Returns
+    -------
+    (n_templates,) float64 array
+    """
+    m = to_numpy(mean_image)
+    if m.ndim != 2:
+        raise InputError(f"mean_image must be a (y, x) image, got shape {m.shape}")
+    R = _responses(contrast_image(m, diameter), _templates(diameter / 2.0))
+    med = np.median(R, axis=(1, 2), keepdims=True)
+    return np.maximum(1.4826 * np.median(np.abs(R - med), axis=(1, 2)), 1e-12)
+
+
+def _paste(canvas, patch, py, px, op):
+    """Apply ``op(canvas_window, patch_window)`` for a patch centred at (py, px), clipped to the canvas."""
+    h, w = patch.shape[0] // 2, patch.shape[1] // 2
+    H, W = canvas.shape
+    y0, y1, x0, x1 = max(py - h, 0), min(py + h + 1, H), max(px - w, 0), min(px + w + 1, W)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    sl = (slice(y0, y1), slice(x0, x1))
+    return sl, op(canvas[sl], patch[y0 - py + h:y1 - py + h, x0 - px + w:x1 - px + w])
+
+
+def detect_anatomical(mean_image, *, diameter: float, threshold: float = 6.0, mask_level: float = 0.3,
+                      min_area: float | None = None, max_area: float | None = None, max_compactness: float = 2.0,
+                      markers=None, scale=None, max_rois: int = 5000) -> ROISet:
+    """Cells in the mean image, active or not: template matching with peeling.
+
+    Parameters
+    ----------
+    mean_image : (Y, X) array, NumPy or CuPy
+        Temporal mean of the registered plane (computed on the host).
+    diameter : float
+        Expected cell diameter, pixels.
+    threshold : float
+        Minimum matched-filter response of a cell, in robust spreads of the
+        response over the image (see :func:`anatomical_scale`).
+    mask_level : float
+        A footprint keeps the pixels of its region brighter (in the top-hat
+        image) than this fraction of the region's 90th percentile.
+    min_area, max_area : float, optional
+        Accepted sizes, pixels; default 0.3x and 2.5x the disk of ``diameter``.
+    max_compactness : float
+        See :func:`compactness`.
+    markers : (k, 2) array, optional
+        Centres of cells found otherwise (e.g. activity ROIs): they take part
+        in the partition of the pixels (so a blob next to one does not take
+        its pixels) and are not returned.
+    scale : (n_templates,) array, optional
+        The unit of ``threshold`` (:func:`anatomical_scale`); default this image's.
+    max_rois : int
+
+    Returns
+    -------
+    ROISet
+        Source ``"anatomical"``; ``score`` is the matched-filter response.
+
+    Notes
+    -----
+    The mean image less a top-hat background (:func:`contrast_image`) is
+    correlated with centre-surround matched filters of filled and
+    nuclear-excluded (ring) cells at three sizes. Cells are taken greedily,
+    strongest first; each accepted cell's fitted template is subtracted from
+    the image and the responses are updated around it, so that a dim cell
+    touching a bright one is found once the bright one is gone (matching
+    pursuit, Mallat & Zhang 1993, IEEE Trans. Signal Process. 41:3397; the
+    greedy initialisation of CaImAn, Pnevmatikakis et al. 2016, Neuron
+    89:285, on the mean image). A pixel belongs to the cell whose (widened)
+    template is largest there; the footprint is the part of that region
+    brighter than ``mask_level`` of the region's bright pixels.
+    """
+    import scipy.ndimage as sndi
+
+    m = to_numpy(mean_image)
+    if m.ndim != 2:
+        raise InputError(f"mean_image must be a (y, x) image, got shape {m.shape}")
+    r = diameter / 2.0
+    area_disk = math.pi * r * r
+    min_area = 0.3 * area_disk if min_area is None else min_area
+    max_area = 2.5 * area_disk if max_area is None else max_area
+    z = contrast_image(m, diameter)
+    tpl = _templates(r)
+    Rs = _responses(z, tpl)
+    if scale is None:
+        med = np.median(Rs, axis=(1, 2), keepdims=True)
+        scale = np.maximum(1.4826 * np.median(np.abs(Rs - med), axis=(1, 2)), 1e-12)
+    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(tpl),))
+    Rs /= scale[:, None, None]
+    H, W = z.shape
+    resid = z.copy()
+    blocked = np.zeros((H, W), bool)
+    # two true cells' centres are at least ~1.4 radii apart; a leftover of a subtracted cell is closer
+    block = _disk(0.9 * r)
+    Rmax = max(t["R"] for t in tpl)
+    cells = []
+    from scipy.signal import fftconvolve
+
+    while len(cells) < max_rois:
+        S = np.where(blocked, -np.inf, Rs.max(axis=0))
+        p = int(np.argmax(S))
+        py, px = divmod(p, W)
+        best = float(S[py, px])
+        if not best >= threshold:
+            break
+        k = int(np.argmax(Rs[:, py, px]))
+        amp = best * scale[k] / tpl[k]["gain"]
+        _paste(resid, amp * tpl[k]["template"], py, px, _isub)
+        _paste(blocked, block, py, px, _ior)
+        cells.append((py, px, k, best))
+        M = tpl[k]["R"] + Rmax
+        uy0, uy1, ux0, ux1 = max(py - M, 0), min(py + M + 1, H), max(px - M, 0), min(px + M + 1, W)
+        cy0, cy1, cx0, cx1 = max(uy0 - Rmax, 0), min(uy1 + Rmax, H), max(ux0 - Rmax, 0), min(ux1 + Rmax, W)
+        patch = resid[cy0:cy1, cx0:cx1]
+        for j, t in enumerate(tpl):
+            rr = fftconvolve(patch, t["filter"], mode="same")
+            Rs[j, uy0:uy1, ux0:ux1] = rr[uy0 - cy0:uy1 - cy0, ux0 - cx0:ux1 - cx0] / scale[j]
+    if not cells:
+        return ROISet.empty()
+    # partition: a pixel goes to the cell whose widened template is largest there (activity cells included)
+    extra = np.zeros((0, 2), int) if markers is None else np.asarray(markers, float).round().astype(int).reshape(-1, 2)
+    extra = extra[(extra[:, 0] >= 0) & (extra[:, 0] < H) & (extra[:, 1] >= 0) & (extra[:, 1] < W)]
+    centres = [(py, px, tpl[k]["rho"]) for py, px, k, _ in cells] + [(y, x, r) for y, x in extra]
+    weight = np.zeros((H, W))
+    owner = np.full((H, W), -1, np.int64)
+    for i, (py, px, rho) in enumerate(centres):
+        R = int(math.ceil(1.5 * rho))
+        yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
+        shape = 0.5 * (1 + np.tanh((1.25 * rho - np.hypot(yy, xx)) / 1.4))  # cells are ellipses: a bit wider
+        got = _paste(weight, shape, py, px, lambda a, b: b > a)
+        if got is None:
+            continue
+        sl, win = got
+        weight[sl][win] = shape[sl[0].start - py + R:sl[0].stop - py + R, sl[1].start - px + R:sl[1].stop - px + R][win]
+        owner[sl][win] = i
+    zs = sndi.gaussian_filter(z, 1.0, mode="reflect")
+    region = np.where(weight > 0.5, owner, -1)
+    objs = sndi.find_objects(region + 1, max_label=len(cells))
+    footprints, scores = [], {"score": [], "peak_to_noise": []}
+    for i, (py, px, k, best) in enumerate(cells):
+        sl = objs[i]
+        if sl is None:
+            continue
+        reg = region[sl] == i
+        vals = zs[sl]
+        top = float(np.percentile(vals[reg], 90))
+        if top <= 0:
+            continue
+        keep = reg & (vals >= mask_level * top)
+        lab, _ = sndi.label(keep)
+        at = lab[py - sl[0].start, px - sl[1].start]
+        if at == 0:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            at = int(np.argmax(sizes))
+            if at == 0:
+                continue
+        keep = lab == at
+        yy, xx = np.nonzero(keep)
+        if not min_area <= len(yy) <= max_area:
+            continue
+        coords = np.stack([yy + sl[0].start, xx + sl[1].start], axis=1)
+        if compactness(coords) > max_compactness:
+            continue
+        footprints.append((coords, np.clip(vals[yy, xx] / top, 1e-3, 1.0)))
+        scores["score"].append(best)
+        scores["peak_to_noise"].append(0.0)
+    return ROISet.from_list(footprints, np.zeros((len(footprints), 0), np.float32), ["anatomical"] * len(footprints),
+                            scores, ndim=2, n_bins=0)
+
+
+def _isub(a, b):
+    a -= b
+
+
+def _ior(a, b):
+    a |= b
+
+
+# --------------------------------------------------------------------------- both
+
+
+def detect_rois(binned, mean_image, *, diameter: float, anatomical: bool = True, activity: dict | None = None,
+                anatomy: dict | None = None, max_overlap: float = 0.3) -> ROISet:
+    """Activity and anatomical ROIs of one plane, duplicates removed.
+
+    Parameters
+    ----------
+    binned : (B, Y, X) array, NumPy or CuPy
+        Temporally binned movie (see :func:`bin_frames`).
+    mean_image : (Y, X) array
+        Temporal mean of the plane.
+    diameter : float
+        Expected cell diameter, pixels.
+    anatomical : bool
+        Also look for cells in the mean image.
+    activity, anatomy : dict, optional
+        Keyword arguments of :func:`detect_activity` / :func:`detect_anatomical`.
+    max_overlap : float
+        An anatomical ROI sharing more than this fraction of its pixels with
+        an activity ROI, or whose centre lies within a quarter diameter of
+        one, repeats it and is dropped.
+
+    Returns
+    -------
+    ROISet
+        Activity ROIs first, then anatomical ones.
+
+    Notes
+    -----
+    See the module docstring. Example::
+
+        binned = bin_frames(movie, 10)
+        rois = detect_rois(binned, movie.mean(axis=0), diameter=12)
+        labels = rois.label_image(movie.shape[1:])
+    """
+    _validate_movie(binned)
+    if tuple(mean_image.shape) != tuple(binned.shape[1:]):
+        raise InputError(f"mean_image has shape {tuple(mean_image.shape)}, the movie's frames {tuple(binned.shape[1:])}")
+    if not diameter > 0:
+        raise InputError(f"diameter must be positive, got {diameter}")
+    act = detect_activity(binned, diameter=diameter, baseline=mean_image, **(activity or {}))
+    if not anatomical:
+        return act
+    anat = detect_anatomical(mean_image, diameter=diameter, markers=act.centroids() if act.n else None,
+                             **(anatomy or {}))
+    if not anat.n or not act.n:
+        return ROISet.concatenate([act, anat]) if anat.n else act
+    shape = tuple(int(s) for s in mean_image.shape)
+    act_mask = act.label_image(shape) > 0
+    cov = np.bincount(anat.roi, act_mask[tuple(anat.coords.T)].astype(np.float64), minlength=anat.n)
+    frac = cov / np.maximum(anat.areas(), 1)
+    ca, cb = anat.centroids(), act.centroids()
+    dist = np.sqrt(((ca[:, None, :] - cb[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+    keep = np.flatnonzero((frac <= max_overlap) & (dist > diameter / 4))
+    anat = anat.subset(keep)
+    both = ROISet.concatenate([act, anat])
+    if both.traces.shape[1] != act.traces.shape[1]:
+        both.traces = np.zeros((both.n, act.traces.shape[1]), np.float32)
+    return both
+
+
+def merge_planes(rois: ROISet, *, min_iou: float = 0.3, min_trace_corr: float = 0.5,
+                 min_iou_anatomical: float = 0.3) -> ROISet:
+    """Join ROIs of adjacent planes of a volume that are one cell.
+
+    Two ROIs in planes ``z`` and ``z + 1`` are the same cell when their
+    footprints' (y, x) masks overlap with IoU >= ``min_iou`` and their traces
+    correlate at ``min_trace_corr`` or more (two activity ROIs), or when their
+    masks overlap with IoU >= ``min_iou_anatomical`` (otherwise). Chains of
+    such pairs become one ROI whose footprint spans the planes (weights
+    rescaled to a maximum of 1); it keeps the trace and scores of its
+    strongest member and is an activity ROI if any member is.
+
+    Parameters
+    ----------
+    rois : ROISet
+        3-D coordinates ``(z, y, x)``; every ROI lies in one plane.
+
+    Returns
+    -------
+    ROISet
+        Merged ROIs, with a ``n_planes`` score.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    if rois.ndim != 3:
+        raise InputError(f"merge_planes needs (z, y, x) coordinates, got {rois.ndim}-D")
+    n = rois.n
+    if n == 0:
+        out = ROISet.empty(3, rois.traces.shape[1])
+        out.scores["n_planes"] = np.zeros(0)
+        return out
+    zs = np.bincount(rois.roi, rois.coords[:, 0], minlength=n) // np.maximum(np.bincount(rois.roi, minlength=n), 1)
+    yx = ROISet(rois.roi, rois.coords[:, 1:], rois.weight, rois.traces, rois.source, rois.scores)
+    pairs, _, shared = _overlaps(yx)
+    areas = rois.areas()
+    edges = []
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        adjacent = np.abs(zs[i] - zs[j]) == 1
+        iou = shared / np.maximum(areas[i] + areas[j] - shared, 1)
+        t = rois.traces.astype(np.float64)
+        t = t - t.mean(axis=1, keepdims=True)
+        tn = np.linalg.norm(t, axis=1)
+        corr = np.einsum("ij,ij->i", t[i], t[j]) / np.maximum(tn[i] * tn[j], 1e-12)
+        act = (rois.source[i] == "activity") & (rois.source[j] == "activity")
+        same = adjacent & np.where(act, (iou >= min_iou) & (corr >= min_trace_corr), iou >= min_iou_anatomical)
+        edges = pairs[same]
+    g = sp.coo_matrix((np.ones(len(edges)), (np.asarray(edges, int).reshape(-1, 2)[:, 0],
+                                             np.asarray(edges, int).reshape(-1, 2)[:, 1])), shape=(n, n))
+    _, comp = connected_components(g, directed=False)
+    score = np.asarray(rois.scores.get("score", np.zeros(n)), np.float64)
+    rank = np.where(rois.source == "activity", 1e12, 0) + score
+    groups = {}
+    for k in range(n):
+        groups.setdefault(int(comp[k]), []).append(k)
+    parts = rois.split()
+    footprints, traces, sources, scores = [], [], [], {key: [] for key in rois.scores}
+    scores["n_planes"] = []
+    for members in sorted(groups.values(), key=min):
+        best = max(members, key=lambda k: (rank[k], -k))
+        coords = np.concatenate([parts[k][0] for k in members])
+        w = np.concatenate([parts[k][1] for k in members]).astype(np.float64)
+        footprints.append((coords, w / max(w.max(), 1e-12)))
+        traces.append(rois.traces[best])
+        sources.append("activity" if any(rois.source[k] == "activity" for k in members) else "anatomical")
+        for key in rois.scores:
+            scores[key].append(np.asarray(rois.scores[key])[best])
+        scores["n_planes"].append(len({int(zs[k]) for k in members}))
+    return ROISet.from_list(footprints, np.asarray(traces, np.float32).reshape(len(traces), -1), sources, scores,
+                            ndim=3, n_bins=rois.traces.shape[1])

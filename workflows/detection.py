@@ -1,0 +1,394 @@
+"""The two-photon ``detection`` stage: ROIs from the registered movie, tile by tile.
+
+The field of view of every plane is cut into square tiles (``tile_size``
+pixels, plus ``tile_overlap`` of context on every side). Each tile is one
+task: it reads its part of ``twophoton/registered`` one time chunk at a time,
+bins it in time on the fly (at most ``max_binned_frames`` bins, so memory is
+bounded by tile x bins, never by the movie) and runs
+:func:`connectome.twophoton.detection.detect_rois` on it, with the plane's
+mean image (``twophoton/summary/mean``, computed here if the summary stage
+has not run). A tile keeps the ROIs whose centroid lies in its core widened
+by half a cell; the copies of a cell that two tiles both keep are joined by
+footprint overlap, the copy deepest inside its own tile winning. In volumes
+the ROIs of adjacent planes that are one cell are then joined
+(:func:`~connectome.twophoton.detection.merge_planes`).
+
+Finished tiles are kept under ``_scratch/detection`` so that an interrupted
+run resumes; outputs are written last and stay marked incomplete (labels) or
+absent (tables) until the stage is done.
+
+Outputs (DESIGN.md): ``twophoton/rois/labels`` (OME-NGFF label image, the
+largest weight wins at a pixel), ``twophoton/rois.parquet`` (``roi_id, z, y,
+x, area, source, compactness, peak_to_noise, score, n_planes``) and
+``twophoton/footprints.parquet`` (``roi_id, z, y, x, weight``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import dask
+import numpy as np
+import zarr
+
+from connectome.backend import resolve_device, to_device, to_numpy
+from connectome.errors import InputError
+from connectome.io import Dataset, create_multiscale
+from connectome.io.store import read_array
+from connectome.twophoton.detection import (ROISet, anatomical_scale, bin_frames, compactness, detect_rois,
+                                            merge_duplicates, merge_planes)
+from workflows.cluster import Executor
+from workflows.progress import progress
+from workflows.pyramid import build_pyramid
+
+STAGE = "twophoton.detection"
+SOURCE = "twophoton/registered"
+SCRATCH = "_scratch/detection"
+
+
+@dataclass
+class DetectionConfig:
+    """Parameters of the detection stage (``[detection]`` in the config file)."""
+
+    diameter: float | None = None  # cell diameter, pixels; default cell_diameter_um / pixel size
+    cell_diameter_um: float = 12.0
+    tile_size: int = 256  # pixels (core of a tile, y and x)
+    tile_overlap: int | None = None  # pixels of context on each side; default 2.5 diameters
+    max_binned_frames: int = 1000
+    bin_seconds: float = 0.33  # a bin is at least this long (frames are averaged)
+    activity: bool = True
+    activity_threshold: float = 2.5  # noise units of the smoothed movie
+    min_energy: float | None = None  # activity energy a seed needs (sum over bins of squared excess); default relative:
+    energy_threshold: float = 80.0  # ... robust spreads of the tile's energy map (independent of the number of bins)
+    footprint_threshold: float = 0.2  # fraction of a ROI's peak weight
+    high_pass_seconds: float = 8.0  # sigma of the slow baseline removed from every pixel
+    anatomical: bool = True  # also detect cells in the mean image
+    anatomical_threshold: float = 6.0  # template response, robust spreads of the plane's responses
+    max_compactness: float = 2.0
+    max_rois_per_tile: int = 2000
+    plane_min_iou: float = 0.3  # volumes: same cell in adjacent planes
+    plane_min_trace_corr: float = 0.5
+
+    @classmethod
+    def from_dict(cls, d) -> "DetectionConfig":
+        if isinstance(d, DetectionConfig):
+            return d
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown detection setting(s): {', '.join(sorted(unknown))} "
+                             f"(expected some of {', '.join(cls.__dataclass_fields__)})")
+        cfg = cls(**d)
+        for name in ("tile_size", "max_binned_frames", "max_rois_per_tile"):
+            if int(getattr(cfg, name)) < 1:
+                raise InputError(f"detection setting {name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.diameter is not None and not cfg.diameter > 0:
+            raise InputError(f"detection setting diameter must be positive, got {cfg.diameter}")
+        return cfg
+
+    def resolved_diameter(self, voxel_size) -> float:
+        """Cell diameter in pixels: ``diameter`` or ``cell_diameter_um`` over the in-plane pixel size."""
+        if self.diameter is not None:
+            return float(self.diameter)
+        px = float(np.mean(voxel_size[-2:])) if voxel_size else 1.0
+        return float(self.cell_diameter_um) / (px if px > 0 else 1.0)
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int
+    z: int | None  # plane of a volume, None for a 2-D movie
+    core: tuple  # (slice y, slice x) of the field of view this tile owns
+    outer: tuple  # (slice y, slice x) it reads
+
+
+def tiles_for(spatial, tile_size: int, overlap: int) -> list[Tile]:
+    """Tiles of every plane, in (z, y, x) order."""
+    Y, X = spatial[-2:]
+    planes = [None] if len(spatial) == 2 else list(range(spatial[0]))
+    out = []
+    for z in planes:
+        for y0 in range(0, Y, tile_size):
+            for x0 in range(0, X, tile_size):
+                core = (slice(y0, min(y0 + tile_size, Y)), slice(x0, min(x0 + tile_size, X)))
+                outer = (slice(max(y0 - overlap, 0), min(y0 + tile_size + overlap, Y)),
+                         slice(max(x0 - overlap, 0), min(x0 + tile_size + overlap, X)))
+                out.append(Tile(len(out), z, core, outer))
+    return out
+
+
+def _read_binned(array, tile: Tile, bin_size: int, name: str) -> np.ndarray:
+    """The tile's time series, read a time chunk at a time and binned on the fly."""
+    T = array.shape[0]
+    step = max(bin_size, (array.chunks[0] // bin_size) * bin_size)
+    plane = () if tile.z is None else (tile.z,)
+    bins = []
+    for t0 in range(0, T, step):
+        sel = (slice(t0, min(t0 + step, T)),) + plane + tile.outer
+        bins.append(bin_frames(np.asarray(read_array(array, sel, name)), bin_size))
+    return np.concatenate(bins)
+
+
+def _detect_tile(store: str, tile: Tile, mean_tile, bin_size: int, diameter: float, scale: float, params: dict,
+                 device: str, signature: str):
+    """Task: detect one tile, keep the ROIs it owns, save them under ``_scratch/detection``."""
+    root = zarr.open_group(store, mode="r+", zarr_format=3)
+    node = root[SOURCE]
+    array = node["0"] if isinstance(node, zarr.Group) else node
+    binned = _read_binned(array, tile, bin_size, SOURCE)
+    binned = to_device(binned, device)
+    activity = dict(threshold=params["activity_threshold"], min_energy=params["min_energy"],
+                    energy_threshold=params["energy_threshold"],
+                    footprint_threshold=params["footprint_threshold"], max_compactness=params["max_compactness"],
+                    high_pass_bins=params["high_pass_bins"], max_rois=params["max_rois_per_tile"])
+    anatomy = dict(threshold=params["anatomical_threshold"], max_compactness=params["max_compactness"], scale=scale)
+    if params["activity"]:
+        rois = detect_rois(binned, mean_tile, diameter=diameter, anatomical=params["anatomical"],
+                           activity=activity, anatomy=anatomy)
+    else:
+        from connectome.twophoton.detection import detect_anatomical
+
+        rois = detect_anatomical(mean_tile, diameter=diameter, **anatomy)
+        rois.traces = np.zeros((rois.n, binned.shape[0]), np.float32)
+    (ys, xs), (cy, cx) = tile.outer, tile.core
+    rois = rois.shifted((ys.start, xs.start))
+    # own the ROIs whose centroid is in the core, widened by half a cell (the overlap resolves the rest)
+    c = rois.centroids() if rois.n else np.zeros((0, 2))
+    m = diameter / 2
+    own = ((c[:, 0] >= cy.start - m) & (c[:, 0] < cy.stop + m) & (c[:, 1] >= cx.start - m) & (c[:, 1] < cx.stop + m))
+    rois = rois.subset(np.flatnonzero(own))
+    c = c[own]
+    # depth inside the tile's read region (edges of the field of view do not count): the better copy of a cell
+    H, W = array.shape[-2:]
+    d = np.full(len(c), np.inf)
+    for lo, hi, full, col in ((ys.start, ys.stop, H, 0), (xs.start, xs.stop, W, 1)):
+        if lo > 0:
+            d = np.minimum(d, c[:, col] - lo)
+        if hi < full:
+            d = np.minimum(d, hi - c[:, col])
+    rois.scores["depth"] = np.where(np.isfinite(d), d, 1e9)
+    _save_tile(root, tile, rois, signature)
+    return tile.index
+
+
+def _save_tile(root, tile: Tile, rois: ROISet, signature: str) -> None:
+    g = root.require_group(f"{SCRATCH}/{tile.index}")
+    arrays = {"roi": rois.roi, "coords": rois.coords, "weight": rois.weight, "traces": rois.traces,
+              "source": (rois.source == "anatomical").astype(np.int8)}
+    for k, v in rois.scores.items():
+        arrays[f"score_{k}"] = np.asarray(v, np.float64)
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        a = g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=tuple(max(s, 1) for s in v.shape),
+                           overwrite=True)
+        if v.size:
+            a[...] = v
+    g.attrs["signature"] = signature  # last: a tile without it is not done
+
+
+def _load_tile(root, tile: Tile, signature: str) -> ROISet | None:
+    name = f"{SCRATCH}/{tile.index}"
+    if name not in root:
+        return None
+    g = root[name]
+    if g.attrs.get("signature") != signature:
+        return None
+    source = np.where(g["source"][...] == 1, "anatomical", "activity").astype(object)
+    scores = {k[len("score_"):]: g[k][...] for k in g.array_keys() if k.startswith("score_")}
+    return ROISet(g["roi"][...], g["coords"][...], g["weight"][...], g["traces"][...], source, scores)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _mean_image(ds: Dataset, movie) -> np.ndarray:
+    """``twophoton/summary/mean`` if finished, else a streaming mean of the registered movie."""
+    name = "twophoton/summary/mean"
+    if name in ds and ds.is_complete(name):
+        mean = np.asarray(ds.array(name)[...], np.float32)
+        if mean.shape == tuple(movie.shape[1:]):
+            return mean
+    total = np.zeros(movie.shape[1:], np.float64)
+    n = 0
+    step = movie.chunks[0]
+    for t0 in range(0, movie.shape[0], step):
+        frames = np.asarray(read_array(movie, slice(t0, t0 + step), SOURCE), np.float64)
+        ok = np.isfinite(frames).all(axis=tuple(range(1, frames.ndim)))
+        total += frames[ok].sum(axis=0)
+        n += int(ok.sum())
+    return (total / max(n, 1)).astype(np.float32)
+
+
+def _order(rois: ROISet) -> ROISet:
+    """Deterministic order: by centroid (z, y, x), rounded to a tenth of a pixel."""
+    if not rois.n:
+        return rois
+    c = np.round(rois.centroids(), 1)
+    order = np.lexsort(tuple(c[:, d] for d in reversed(range(c.shape[1]))))
+    return rois.subset(order)
+
+
+def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, executor: Executor | None = None,
+                  device: str = "cpu", overwrite: bool = False, show_progress: bool | None = True) -> dict:
+    """The detection stage (see the module docstring). Returns its metrics.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A two-photon store with a finished ``twophoton/registered``.
+    config : dict or DetectionConfig, optional
+        Settings (see :class:`DetectionConfig`); unknown keys are an error.
+    executor : Executor, optional
+        Where the tiles run (:func:`workflows.cluster.executor`); default threads.
+    device : {'cpu', 'gpu', 'auto'}
+    overwrite : bool
+        Recompute even if the stage is done.
+
+    Returns
+    -------
+    dict
+        ``n_rois``, ``n_activity``, ``n_anatomical``, ``tiles``, ``bin_size``,
+        ``n_bins``, ``diameter``, ``seconds``.
+    """
+    t0 = time.perf_counter()
+    cfg = DetectionConfig.from_dict(config)
+    device = resolve_device(device)
+    if SOURCE not in ds or not ds.is_complete(SOURCE):
+        raise InputError(f"{ds.path}: detection needs a finished {SOURCE}; run the registration stage first")
+    movie = ds.array(SOURCE)
+    if movie.ndim not in (3, 4):
+        raise InputError(f"{SOURCE} must be (t, y, x) or (t, z, y, x), got shape {movie.shape}")
+    params = asdict(cfg)
+    prev = ds.provenance.get(STAGE)
+    outputs_ok = (ds.is_complete("twophoton/rois/labels") and ds.has_table("twophoton/rois")
+                  and ds.has_table("twophoton/footprints"))
+    if prev and prev.get("status") == "done" and not overwrite and outputs_ok:
+        return prev.get("metrics", {})
+    T, spatial = movie.shape[0], tuple(movie.shape[1:])
+    diameter = cfg.resolved_diameter(ds.voxel_size)
+    if not 2 <= diameter <= min(spatial[-2:]):
+        raise InputError(f"cell diameter {diameter:.3g} pixels does not fit a {spatial[-2]}x{spatial[-1]} field "
+                         f"(set detection.diameter in pixels)")
+    overlap = int(math.ceil(2.5 * diameter)) if cfg.tile_overlap is None else int(cfg.tile_overlap)
+    frame_rate = ds.frame_rate or 1.0
+    bin_size = max(1, math.ceil(T / cfg.max_binned_frames), int(round(cfg.bin_seconds * frame_rate)))
+    n_bins = math.ceil(T / bin_size)
+    params_run = {**params, "diameter_px": diameter, "overlap_px": overlap, "bin_size": bin_size,
+                  "high_pass_bins": max(cfg.high_pass_seconds * frame_rate / bin_size, 1.0)}
+    signature = repr(sorted(params_run.items())) + repr((T,) + spatial)
+    ds.provenance.begin(STAGE, parameters={"config": params, "diameter_px": diameter, "tile_overlap_px": overlap,
+                                           "bin_size": bin_size}, device=device)
+    # nothing of an earlier run may look finished while this one works
+    for table in ("twophoton/rois", "twophoton/footprints"):
+        if ds.has_table(table):
+            ds.table_path(table).unlink()
+    if "twophoton/rois/labels" in ds:
+        ds.mark_complete("twophoton/rois/labels", False)
+    if overwrite and SCRATCH in ds.root:
+        del ds.root[SCRATCH]
+    mean = _mean_image(ds, movie)
+    planes = [mean] if len(spatial) == 2 else list(mean)
+    scales = [anatomical_scale(p, diameter) for p in planes]  # one anatomical threshold per plane, shared by its tiles
+    tiles = tiles_for(spatial, int(cfg.tile_size), overlap)
+    root = ds.root
+    results = {}
+    todo = []
+    for tile in tiles:
+        got = _load_tile(root, tile, signature)
+        if got is not None:
+            results[tile.index] = got
+        else:
+            todo.append(tile)
+    executor = executor or Executor(None)
+    store = str(ds.path)
+    tasks = []
+    for tile in todo:
+        plane = 0 if tile.z is None else tile.z
+        mean_tile = planes[plane][tile.outer]
+        tasks.append(dask.delayed(_detect_tile, pure=False)(
+            store, tile, mean_tile, bin_size, diameter, scales[plane], params_run, device, signature,
+            dask_key_name=f"{STAGE}-tile-{tile.index}"))
+    with progress(STAGE, len(tiles), enabled=show_progress) as advance:
+        advance(len(tiles) - len(todo))
+        try:
+            executor.run(tasks, lambda _: advance())
+        except BaseException:
+            ds.provenance.update(STAGE, status="failed")
+            raise
+    for tile in todo:
+        got = _load_tile(root, tile, signature)
+        if got is None:
+            raise InputError(f"detection tile {tile.index} left no result")  # defensive: never write holes
+        results[tile.index] = got
+    # join tiles plane by plane: copies of a border cell become one (the deepest copy wins)
+    per_plane = []
+    for plane in range(len(planes)):
+        z = None if len(spatial) == 2 else plane
+        sets = [results[t.index] for t in tiles if t.z == z]
+        rois = ROISet.concatenate(sets)
+        if rois.n:
+            rois = merge_duplicates(rois, max_shared=0.5, max_cosine=2.0, rank=rois.scores["depth"])
+        if z is not None:
+            rois = ROISet(rois.roi, np.concatenate([np.full((len(rois.roi), 1), z, np.int32), rois.coords], axis=1),
+                          rois.weight, rois.traces, rois.source, rois.scores)
+        per_plane.append(rois)
+    if len(spatial) == 2:
+        rois = per_plane[0]
+        rois.scores["n_planes"] = np.ones(rois.n)
+    else:
+        rois = merge_planes(ROISet.concatenate(per_plane) if any(p.n for p in per_plane)
+                            else ROISet.empty(3, n_bins), min_iou=cfg.plane_min_iou,
+                            min_trace_corr=cfg.plane_min_trace_corr)
+    rois = _order(rois)
+    metrics = _write_outputs(ds, rois, spatial)
+    del root[SCRATCH]
+    metrics.update(tiles=len(tiles), bin_size=bin_size, n_bins=n_bins, diameter=round(diameter, 3),
+                   seconds=round(time.perf_counter() - t0, 3))
+    ds.provenance.end(STAGE, metrics=metrics, seconds=metrics["seconds"])
+    return metrics
+
+
+def _write_outputs(ds: Dataset, rois: ROISet, spatial) -> dict:
+    """Label image first (incomplete until the end), then the tables, then completeness."""
+    nd = len(spatial)
+    chunks = ((1,) if nd == 3 else ()) + tuple(min(256, s) for s in spatial[-2:])
+    g = create_multiscale(ds.root, "twophoton/rois/labels", shape=spatial, dtype="int32", chunks=chunks,
+                          axes=ds.spatial_axes(nd), scale=ds.voxel_size, labels=True, overwrite=True,
+                          attrs={"connectome": {"stage": STAGE, "complete": False}})
+    coords = rois.coords if rois.coords.shape[1] == nd else rois.coords[:, -nd:]
+    placed = ROISet(rois.roi, coords, rois.weight, rois.traces, rois.source, rois.scores)
+    if nd == 2:
+        g["0"][...] = placed.label_image(spatial)
+    else:
+        for z in range(spatial[0]):
+            sel = coords[:, 0] == z
+            plane = ROISet(rois.roi[sel], coords[sel][:, 1:], rois.weight[sel], rois.traces, rois.source, rois.scores)
+            g["0"][z] = plane.label_image(spatial[1:])
+    build_pyramid(g)
+    n = rois.n
+    ids = np.arange(1, n + 1, dtype=np.int32)
+    c3 = coords if nd == 3 else np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1)
+    ds.write_table("twophoton/footprints", {
+        "roi_id": ids[rois.roi] if n else np.zeros(0, np.int32),
+        "z": c3[:, 0].astype(np.int32), "y": c3[:, 1].astype(np.int32), "x": c3[:, 2].astype(np.int32),
+        "weight": rois.weight.astype(np.float32)})
+    cen = rois.centroids() if n else np.zeros((0, nd))
+    cen3 = cen if nd == 3 else np.concatenate([np.zeros((n, 1)), cen], axis=1)
+    parts = rois.split()
+    ds.write_table("twophoton/rois", {
+        "roi_id": ids, "z": cen3[:, 0], "y": cen3[:, 1], "x": cen3[:, 2],
+        "area": rois.areas().astype(np.int64),
+        "source": np.asarray([str(s) for s in rois.source], dtype=object) if n else np.zeros(0, dtype=object).astype(str),
+        "compactness": np.array([compactness(c[:, -2:]) if nd == 2 or len(np.unique(c[:, 0])) == 1
+                                 else compactness(c) for c, _ in parts], np.float64),
+        "peak_to_noise": np.asarray(rois.scores.get("peak_to_noise", np.zeros(n)), np.float64),
+        "score": np.asarray(rois.scores.get("score", np.zeros(n)), np.float64),
+        "n_planes": np.asarray(rois.scores.get("n_planes", np.ones(n)), np.int32)})
+    ds.mark_complete("twophoton/rois/labels")
+    n_act = int(np.sum(rois.source == "activity"))
+    return {"n_rois": n, "n_activity": n_act, "n_anatomical": n - n_act}
