@@ -54,7 +54,7 @@ def test_registration_through_slurm_equals_local_run(tmp_path, slurm):
         f"jobs = 2\nlog_directory = \"{tmp_path / 'logs'}\"\nwait_seconds = 120\n"
         "[registration]\nn_reference_frames = 32\n"
     )
-    run = [sys.executable, "-m", "connectome.cli", "twophoton"]
+    run = [sys.executable, "-m", "connectome.cli", "twophoton", "--stages", "registration,summary"]
     out = subprocess.run(run + [str(a.path), "--cluster", "slurm", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr

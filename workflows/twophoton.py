@@ -12,6 +12,18 @@
 ``summary``
     One streaming pass over ``twophoton/registered`` with mergeable partial
     statistics: ``twophoton/summary/{mean,max,std,correlation,peak_to_noise}``.
+``detection``
+    Cells over spatial tiles (:mod:`workflows.detection`): ``twophoton/rois/labels``,
+    ``twophoton/rois.parquet``, ``twophoton/footprints.parquet``.
+``extraction``
+    Traces blockwise over time (:mod:`workflows.extraction`):
+    ``twophoton/traces/{F,Fneu,dff}`` and the ``snr``/``accepted`` columns.
+``spikes``
+    OASIS on ``twophoton/traces/dff``, blockwise over rows of ROIs, into
+    ``twophoton/traces/spikes``.
+``functional``
+    Pairwise correlations of the ROIs' activity with circular-shift
+    surrogates, into ``graph/functional_edges.parquet``.
 """
 
 from __future__ import annotations
@@ -27,11 +39,13 @@ from connectome.errors import InputError, StageError
 from connectome.io import Dataset, create_multiscale
 from connectome.io.store import read_array
 from connectome.twophoton import registration as reg
+from connectome.twophoton.deconvolution import deconvolve
+from connectome.twophoton.functional import correlation_edges, write_functional_edges
 from connectome.twophoton.summary import STATS, crispness, merge_stats, partial_stats, summary_images
-from workflows.blockwise import reset_progress, run_blockwise
+from workflows.blockwise import PROGRESS_GROUP, reset_progress, run_blockwise
 from workflows.cluster import Executor
 
-STAGES = ("registration", "summary")
+STAGES = ("registration", "summary", "detection", "extraction", "spikes", "functional")
 
 
 @dataclass
@@ -297,6 +311,199 @@ def run_summary(ds: Dataset, *, executor: Executor | None = None, device: str = 
     return metrics
 
 
+@dataclass
+class SpikesConfig:
+    """Parameters of the spikes stage (``[spikes]``): see :func:`connectome.twophoton.deconvolve`."""
+
+    source: str = "dff"  # which trace array to deconvolve: dff, F or Fneu-corrected F
+    ar_order: int = 2
+    decay_time: float | None = None  # seconds; None = estimated per trace
+    rise_time: float | None = None
+    s_min: float = 0.0
+    smooth: float | None = 0.06
+    rows_per_block: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SpikesConfig":
+        return _from_dict(cls, d, "spikes")
+
+
+@dataclass
+class FunctionalConfig:
+    """Parameters of the functional stage (``[functional]``): see
+    :func:`connectome.twophoton.correlation_edges`."""
+
+    source: str = "dff"  # dff or spikes
+    threshold: float = 0.2
+    n_surrogates: int = 1000
+    max_p: float | None = 0.01
+    min_shift: float = 10.0  # seconds
+    bin_seconds: float | None = None
+    accepted_only: bool = True  # correlate only ROIs with accepted = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FunctionalConfig":
+        return _from_dict(cls, d, "functional")
+
+
+def _from_dict(cls, d, section):
+    d = dict(d or {})
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"unknown {section} setting(s): {', '.join(sorted(unknown))}")
+    return cls(**d)
+
+
+TRACES = "twophoton/traces"
+
+
+def _spikes_block(traces, frame_rate, **kw):
+    return deconvolve(traces, frame_rate, **kw).astype("float32", copy=False)
+
+
+def run_spikes(ds: Dataset, *, config: SpikesConfig | None = None, executor: Executor | None = None,
+               device: str = "cpu", overwrite: bool = False, show_progress: bool | None = None) -> dict:
+    """The spikes stage: OASIS deconvolution of every ROI's trace, blockwise over ROIs.
+
+    Reads ``twophoton/traces/<source>`` (``dff`` by default) and writes
+    ``twophoton/traces/spikes`` of the same shape (row ``i`` is ROI ``i + 1``),
+    non-negative spike rates in units of the source per frame. Each block of
+    ``rows_per_block`` ROIs is recorded; an interrupted run resumes.
+    """
+    t0 = time.perf_counter()
+    cfg = config or SpikesConfig()
+    stage = "twophoton.spikes"
+    if cfg.source not in ("dff", "F", "Fneu"):
+        raise InputError(f"spikes source must be dff, F or Fneu, got {cfg.source!r}")
+    source = f"{TRACES}/{cfg.source}"
+    if source not in ds or not ds.is_complete(source):
+        raise StageError(f"{ds.path}: spikes needs a finished {source} (run --stages extraction first)")
+    out = f"{TRACES}/spikes"
+    prev = ds.provenance.get(stage)
+    if prev and prev.get("status") == "done" and not overwrite and out in ds and ds.is_complete(out):
+        return prev.get("metrics", {})
+    if ds.frame_rate is None:
+        raise InputError(f"{ds.path}: raw has no frame rate (time axis scale); spikes needs it")
+    traces = ds.array(source)
+    n, T = traces.shape
+    if n == 0:
+        raise InputError(f"{ds.path}: {source} has no ROIs; nothing to deconvolve")
+    rows = max(1, min(int(cfg.rows_per_block), n))
+    params = asdict(cfg)
+    if out not in ds or overwrite or tuple(ds.root[out].shape) != (n, T) or ds.root[out].chunks[0] != rows:
+        reset_progress(ds, stage)
+        ds.create_output(out, shape=(n, T), dtype="float32", chunks=(rows, T), stage=stage, overwrite=True)
+    ds.provenance.begin(stage, parameters=params)
+    kw = {k: getattr(cfg, k) for k in ("ar_order", "decay_time", "rise_time", "s_min", "smooth")}
+    report = run_blockwise(ds, stage, _spikes_block, inputs=[source], outputs=[out], block_shape=(rows, T),
+                           parameters=params, executor=executor, device=device,
+                           kernel_kwargs={"frame_rate": float(ds.frame_rate), **kw}, show_progress=show_progress,
+                           finalize=False)
+    spikes = ds.array(out)
+    total = 0.0
+    active = 0
+    for start in range(0, n, rows):
+        block = np.asarray(spikes[start:start + rows])
+        total += float(block.sum())
+        active += int((block.max(axis=1) > 0).sum())
+    ds.mark_complete(out)
+    metrics = {"n_rois": int(n), "rois_with_events": active, "mean_rate_per_frame": total / (n * T),
+               "blocks_run": getattr(report, "blocks_run", None)}
+    ds.provenance.end(stage, metrics=metrics, seconds=round(time.perf_counter() - t0, 3))
+    return metrics
+
+
+def run_functional(ds: Dataset, *, config: FunctionalConfig | None = None, device: str = "cpu",
+                   overwrite: bool = False) -> dict:
+    """The functional stage: significant activity correlations between ROIs.
+
+    Correlates the rows of ``twophoton/traces/<source>`` (ΔF/F by default,
+    only ROIs with ``accepted`` unless ``accepted_only`` is off), tests each
+    pair above ``threshold`` against circularly shifted surrogates and writes
+    ``graph/functional_edges.parquet`` (``roi_a, roi_b, correlation, p_value``).
+    Memory is ``O(block^2 + n t)``: the correlation matrix is never whole.
+    """
+    from connectome.twophoton.functional import FUNCTIONAL_EDGES_TABLE
+
+    t0 = time.perf_counter()
+    cfg = config or FunctionalConfig()
+    stage = "twophoton.functional"
+    if cfg.source not in ("dff", "spikes"):
+        raise InputError(f"functional source must be dff or spikes, got {cfg.source!r}")
+    source = f"{TRACES}/{cfg.source}"
+    if source not in ds or not ds.is_complete(source):
+        needed = "spikes" if cfg.source == "spikes" else "extraction"
+        raise StageError(f"{ds.path}: functional needs a finished {source} (run --stages {needed} first)")
+    prev = ds.provenance.get(stage)
+    if prev and prev.get("status") == "done" and not overwrite and ds.has_table(FUNCTIONAL_EDGES_TABLE):
+        return prev.get("metrics", {})
+    if ds.frame_rate is None:
+        raise InputError(f"{ds.path}: raw has no frame rate (time axis scale); functional needs it")
+    ds.provenance.begin(stage, parameters=asdict(cfg))
+    traces = np.asarray(ds.array(source)[...], dtype=np.float32)
+    ids = np.arange(1, traces.shape[0] + 1)
+    if cfg.accepted_only and ds.has_table("twophoton/rois"):
+        rois = ds.read_table("twophoton/rois")
+        if "accepted" in rois.column_names:
+            keep = np.zeros(traces.shape[0], bool)
+            rid = np.asarray(rois["roi_id"].to_numpy(), np.int64)
+            acc = np.asarray(rois["accepted"].to_numpy(zero_copy_only=False), bool)
+            keep[rid[acc & (rid >= 1) & (rid <= traces.shape[0])] - 1] = True
+            traces, ids = traces[keep], ids[keep]
+    n_surrogates, max_p, note = cfg.n_surrogates, cfg.max_p, None
+    duration = traces.shape[1] / float(ds.frame_rate)
+    if n_surrogates and duration < 2 * cfg.min_shift + 1.0 / float(ds.frame_rate):
+        # no shift both beyond the transients and inside the recording: correlations
+        # are kept, p-values are NaN, and the record says why
+        n_surrogates, max_p = 0, None
+        note = (f"recording of {duration:.1f} s is shorter than 2 × min_shift ({cfg.min_shift:g} s): "
+                "no surrogate test, p_value is NaN")
+    if traces.shape[0] < 2:
+        table = {c: np.zeros(0, np.int64 if c.startswith("roi") else np.float64)
+                 for c in ("roi_a", "roi_b", "correlation", "p_value")}
+    else:
+        table = correlation_edges(traces, float(ds.frame_rate), threshold=cfg.threshold,
+                                  n_surrogates=n_surrogates, min_shift=cfg.min_shift,
+                                  bin_seconds=cfg.bin_seconds, max_p=max_p, roi_ids=ids, seed=cfg.seed,
+                                  device=device)
+    write_functional_edges(ds, table)
+    metrics = {"n_rois": int(traces.shape[0]), "n_edges": int(len(table["roi_a"]))}
+    if note:
+        metrics["note"] = note
+    ds.provenance.end(stage, metrics=metrics, seconds=round(time.perf_counter() - t0, 3))
+    return metrics
+
+
+#: What each stage writes (arrays are marked incomplete when an earlier stage is recomputed).
+OUTPUTS = {
+    "registration": ("twophoton/registered", "twophoton/shifts"),
+    "summary": tuple(f"twophoton/summary/{name}" for name in ("mean", "max", "std", "correlation", "peak_to_noise")),
+    "detection": ("twophoton/rois/labels",),
+    "extraction": tuple(f"{TRACES}/{name}" for name in ("F", "Fneu", "dff")),
+    "spikes": (f"{TRACES}/spikes",),
+    "functional": (),
+}
+
+
+def _invalidate_after(ds: Dataset, stage: str):
+    """A recomputed stage makes every later stage stale: its record says so, its
+    block record is cleared and its arrays are marked incomplete, so the next run
+    recomputes it instead of trusting it."""
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        name = f"twophoton.{later}"
+        if ds.provenance.get(name) is not None:
+            ds.provenance.update(name, status="stale")
+        reset_progress(ds, name)
+        if PROGRESS_GROUP in ds.root:  # sub-stage records, e.g. twophoton.extraction.dff
+            for key in list(ds.root[PROGRESS_GROUP].keys()):
+                if key.startswith(name + "."):
+                    reset_progress(ds, key)
+        for path in OUTPUTS[later]:
+            if path in ds and ds.is_complete(path):
+                ds.mark_complete(path, False)
+
+
 def run_twophoton(ds: Dataset, stages=STAGES, *, config: dict | None = None, executor: Executor | None = None,
                   device: str = "cpu", overwrite=(), show_progress: bool | None = None) -> dict:
     """Run the named two-photon stages in order, reusing what the store holds."""
@@ -307,8 +514,10 @@ def run_twophoton(ds: Dataset, stages=STAGES, *, config: dict | None = None, exe
     bad_over = [s for s in overwrite if s not in STAGES]
     if bad_over:
         raise InputError(f"--overwrite {', '.join(bad_over)}: not a two-photon stage ({', '.join(STAGES)})")
+    redo = set(overwrite)
     out = {}
     for stage in stages:
+        before = (ds.provenance.get(f"twophoton.{stage}") or {}).get("finished")
         if stage == "registration":
             out[stage] = run_registration(ds, config=RegistrationConfig.from_dict(config.get("registration")),
                                           executor=executor, device=device, overwrite="registration" in overwrite,
@@ -316,4 +525,25 @@ def run_twophoton(ds: Dataset, stages=STAGES, *, config: dict | None = None, exe
         elif stage == "summary":
             out[stage] = run_summary(ds, executor=executor, device=device, overwrite="summary" in overwrite
                                      or "registration" in overwrite, show_progress=show_progress)
+        elif stage == "detection":
+            from workflows.detection import run_detection
+
+            out[stage] = run_detection(ds, config=config.get("detection"), executor=executor, device=device,
+                                       overwrite=bool(redo & {"registration", "summary", "detection"}),
+                                       show_progress=show_progress is not False)
+        elif stage == "extraction":
+            from workflows.extraction import run_extraction
+
+            out[stage] = run_extraction(ds, config=config.get("extraction"), executor=executor, device=device,
+                                        overwrite=bool(redo & {"registration", "detection", "extraction"}),
+                                        show_progress=show_progress is not False)
+        elif stage == "spikes":
+            out[stage] = run_spikes(ds, config=SpikesConfig.from_dict(config.get("spikes")), executor=executor,
+                                    device=device, overwrite=bool(redo - {"summary", "functional"}),
+                                    show_progress=show_progress)
+        elif stage == "functional":
+            out[stage] = run_functional(ds, config=FunctionalConfig.from_dict(config.get("functional")),
+                                        device=device, overwrite=bool(redo - {"summary"}))
+        if (ds.provenance.get(f"twophoton.{stage}") or {}).get("finished") != before:
+            _invalidate_after(ds, stage)
     return out

@@ -24,7 +24,7 @@ _PACKAGES = ("connectome", "numpy", "scipy", "scikit-image", "zarr", "dask", "di
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def software_versions() -> dict:
