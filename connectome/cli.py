@@ -152,6 +152,7 @@ def demo(
 
 from connectome.cli_em import register as _register_em; _register_em(app)
 from connectome.cli_graph import register as _register_graph; _register_graph(app)
+from connectome.cli_view import register as _register_view; _register_view(app)
 
 
 def main(argv=None) -> int:
