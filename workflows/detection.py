@@ -37,7 +37,7 @@ from connectome.backend import resolve_device, to_device, to_numpy
 from connectome.errors import InputError
 from connectome.io import Dataset, create_multiscale
 from connectome.io.store import read_array
-from connectome.twophoton.detection import (ROISet, anatomical_scale, bin_frames, compactness, detect_rois,
+from connectome.twophoton.detection import (ROISet, bin_frames, compactness, contrast_image, detect_rois,
                                             merge_duplicates, merge_planes)
 from workflows.cluster import Executor
 from workflows.progress import progress
@@ -60,12 +60,11 @@ class DetectionConfig:
     bin_seconds: float = 0.33  # a bin is at least this long (frames are averaged)
     activity: bool = True
     activity_threshold: float = 2.5  # noise units of the smoothed movie
-    min_energy: float | None = None  # activity energy a seed needs (sum over bins of squared excess); default relative:
-    energy_threshold: float = 80.0  # ... robust spreads of the tile's energy map (independent of the number of bins)
+    min_energy: float = 60.0  # activity energy a seed needs (sum over bins of squared excess)
     footprint_threshold: float = 0.2  # fraction of a ROI's peak weight
     high_pass_seconds: float = 8.0  # sigma of the slow baseline removed from every pixel
     anatomical: bool = True  # also detect cells in the mean image
-    anatomical_threshold: float = 6.0  # template response, robust spreads of the plane's responses
+    anatomical_threshold: float = 0.5  # LoG response, units of the mean image's robust contrast
     max_compactness: float = 2.0
     max_rois_per_tile: int = 2000
     plane_min_iou: float = 0.3  # volumes: same cell in adjacent planes
@@ -143,7 +142,6 @@ def _detect_tile(store: str, tile: Tile, mean_tile, bin_size: int, diameter: flo
     binned = _read_binned(array, tile, bin_size, SOURCE)
     binned = to_device(binned, device)
     activity = dict(threshold=params["activity_threshold"], min_energy=params["min_energy"],
-                    energy_threshold=params["energy_threshold"],
                     footprint_threshold=params["footprint_threshold"], max_compactness=params["max_compactness"],
                     high_pass_bins=params["high_pass_bins"], max_rois=params["max_rois_per_tile"])
     anatomy = dict(threshold=params["anatomical_threshold"], max_compactness=params["max_compactness"], scale=scale)
@@ -293,7 +291,7 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
         del ds.root[SCRATCH]
     mean = _mean_image(ds, movie)
     planes = [mean] if len(spatial) == 2 else list(mean)
-    scales = [anatomical_scale(p, diameter) for p in planes]  # one anatomical threshold per plane, shared by its tiles
+    scales = [contrast_image(p, diameter)[1] for p in planes]
     tiles = tiles_for(spatial, int(cfg.tile_size), overlap)
     root = ds.root
     results = {}

@@ -14,11 +14,10 @@ Two detectors work on one plane of one spatial tile:
   windows, so overlapping cells keep separate weighted footprints (a pixel
   can belong to two ROIs with different weights).
 * :func:`detect_anatomical` finds cells in the mean image whether they fire
-  or not: the mean image less a top-hat background is matched against
-  filled and ring-shaped (nuclear-excluded) cell templates at three sizes;
-  cells are taken strongest first and subtracted, so that a dim cell
-  touching a bright one is found after it, and the pixels are shared out
-  by the fitted templates.
+  or not: a scale-normalised Laplacian of Gaussian of the locally
+  contrast-normalised mean image, whose response to a ring-shaped
+  (nuclear-excluded) cell of the expected size is a peak at its centre,
+  and a marker-controlled watershed that cuts touching cells apart.
 
 :func:`detect_rois` runs both, drops anatomical ROIs that repeat an activity
 ROI, and returns one :class:`ROISet` with the source of every ROI.
@@ -30,9 +29,8 @@ The activity search is the idea of suite2p's ``sparsery`` (Pachitariu et al.
 iterative peak search with peeling. The footprint refinement is CaImAn's
 greedy initialisation followed by HALS (Giovannucci et al. 2019, eLife
 8:e38173; Cichocki & Phan 2009, IEICE Trans. Fundamentals E92-A:708; Pnevmatikakis
-et al. 2016, Neuron 89:285). The anatomical detector is matched filtering
-with matching pursuit (Mallat & Zhang 1993, IEEE Trans. Signal Process.
-41:3397) on a top-hat background-subtracted image (Sternberg 1983).
+et al. 2016, Neuron 89:285). The anatomical detector is a blob detector
+(Lindeberg 1998, IJCV 30:79) with a watershed split (Beucher & Meyer 1993).
 """
 
 from __future__ import annotations
@@ -47,10 +45,8 @@ from connectome.errors import InputError
 
 __all__ = [
     "ROISet",
-    "anatomical_scale",
     "bin_frames",
     "compactness",
-    "contrast_image",
     "detect_activity",
     "detect_anatomical",
     "detect_rois",
@@ -325,8 +321,7 @@ def _disk(radius: float):
     return (yy * yy + xx * xx) <= radius * radius
 
 
-def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_energy: float | None = None,
-                    energy_threshold: float = 80.0,
+def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_energy: float = 60.0,
                     max_rois: int = 2000, footprint_threshold: float = 0.2, high_pass_bins: float = 25.0,
                     n_hals: int = 3, min_area: float | None = None, max_area: float | None = None,
                     max_compactness: float = 2.0, prepared: bool = False, baseline=None) -> ROISet:
@@ -341,13 +336,9 @@ def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_ener
         Expected cell diameter, pixels.
     threshold : float
         Noise units of the smoothed movie above which a bin counts as activity.
-    min_energy : float, optional
+    min_energy : float
         Stop when the best remaining pixel has less activity energy than this
-        (sum over bins of the squared excess over ``threshold``). Default:
-        ``energy_threshold`` robust spreads of the first energy map, which
-        does not depend on the number of bins.
-    energy_threshold : float
-        See ``min_energy``.
+        (sum over bins of the squared excess over ``threshold``).
     max_rois : int
         Upper bound on the number of ROIs.
     footprint_threshold : float
@@ -393,11 +384,6 @@ def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_ener
     pad = int(math.ceil(4 * sigma_s)) + 1
     s, s_noise = _smooth(y, sigma_s, ndi, xp)
     energy = _energy(s, threshold, xp)
-    if min_energy is None:
-        # the energy of the background pixels grows with the number of bins (and with the neuropil
-        # left over in real data): the stopping level is a multiple of its robust spread
-        med = float(xp.median(energy))
-        min_energy = float(energy_threshold) * max(1.4826 * float(xp.median(xp.abs(energy - med))), 1e-6)
     blocked = xp.zeros((H, W), bool)
     found = []  # (y0, x0, a (h, w), c (B,), mask, score)
     seed_disk = xp.asarray(_disk(max(r_disk / 2, 1.0)))
@@ -604,31 +590,26 @@ def merge_duplicates(rois: ROISet, *, max_cosine: float = 0.6, min_trace_corr: f
 # --------------------------------------------------------------------------- anatomy
 
 
-def contrast_image(mean_image, diameter: float, opening: float = 0.75):
-    """The mean image less its background: a white top-hat at the cell scale.
+def contrast_image(mean_image, diameter: float, scale: float | None = None):
+    """High-passed mean image in units of its robust spread, blind to dark vessels.
 
-    The background is the grey-scale opening of the (lightly smoothed) mean
-    image by a disk of ``opening`` x ``diameter`` pixels radius, then
-    smoothed: bright objects narrower than the disk (cells, touching pairs)
-    are removed from it, dark ones (blood vessels) and the smooth neuropil
-    are kept, so that the difference is zero there and positive on cells.
+    The local background is a Gaussian (sigma = ``diameter``) average that
+    leaves out markedly dark pixels (blood vessels), so that the tissue next
+    to a vessel does not look bright; the result is divided by ``scale``
+    (default: 1.4826 x the median absolute high-passed value of this image;
+    pass one value per plane so that tiles share it).
 
     Parameters
     ----------
     mean_image : (Y, X) array
     diameter : float
         Cell diameter, pixels.
-    opening : float
-        Radius of the opening disk, in cell diameters.
+    scale : float, optional
 
     Returns
     -------
-    (Y, X) float64 NumPy array, the mean image's units.
-
-    Notes
-    -----
-    Rolling-ball / top-hat background subtraction (Sternberg 1983, Computer
-    33:22; Serra 1982).
+    z : (Y, X) float64 NumPy array
+    scale : float
     """
     import scipy.ndimage as sndi
 
@@ -636,74 +617,23 @@ def contrast_image(mean_image, diameter: float, opening: float = 0.75):
     finite = np.isfinite(m)
     if not finite.all():
         m = np.where(finite, m, np.nanmedian(m) if finite.any() else 0.0)
-    ms = sndi.gaussian_filter(m, 1.0, mode="reflect")
-    bg = sndi.grey_opening(ms, footprint=_disk(max(opening * diameter, 1.0)), mode="reflect")
-    return m - sndi.gaussian_filter(bg, 2.0, mode="reflect")
+    w = np.ones_like(m)
+    for _ in range(2):
+        bg = sndi.gaussian_filter(m * w, diameter, mode="reflect") / np.maximum(
+            sndi.gaussian_filter(w, diameter, mode="reflect"), 1e-3)
+        hp = m - bg
+        spread = 1.4826 * float(np.median(np.abs(hp))) if scale is None else float(scale)
+        w = (~sndi.binary_dilation(hp < -3 * spread, iterations=1)).astype(np.float64)
+    if scale is None:
+        scale = 1.4826 * float(np.median(np.abs(hp)))
+    return hp / max(float(scale), 1e-12), float(scale)
 
 
-def _templates(radius: float, scales=(0.8, 1.0, 1.2), edge: float = 0.7) -> list:
-    """Disk and ring (nuclear-excluded) cell templates, and their centre-surround matched filters.
-
-    Each filter is the template minus its mean over a disk of twice its
-    radius, with unit norm: its response to a flat or linearly varying
-    background is zero.
-    """
-    out = []
-    for sc in scales:
-        rho = radius * sc
-        R = int(math.ceil(2 * rho))
-        yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
-        d = np.hypot(yy, xx)
-        win = d <= 2 * rho
-        disk = 0.5 * (1 + np.tanh((rho - d) / (2 * edge)))
-        nucleus = 0.5 * (1 + np.tanh((0.6 * rho - d) / (2 * edge)))
-        for kind, t in (("disk", disk), ("ring", disk * (1 - 0.8 * nucleus))):
-            f = np.where(win, t - t[win].mean(), 0.0)
-            f /= np.linalg.norm(f)
-            out.append({"rho": rho, "kind": kind, "template": t, "filter": f[::-1, ::-1].copy(),
-                        "gain": float((f * t).sum()), "R": R})
-    return out
-
-
-def _responses(z, templates) -> np.ndarray:
-    from scipy.signal import fftconvolve
-
-    return np.stack([fftconvolve(z, t["filter"], mode="same") for t in templates])
-
-
-def anatomical_scale(mean_image, diameter: float) -> np.ndarray:
-    """Robust spread of each template's response over an image: the unit of the anatomical threshold.
-
-    Pass the whole plane's to :func:`detect_anatomical` (``scale=``) so that
-    all tiles of a plane share one threshold.
-
-    Returns
-    -------
-    (n_templates,) float64 array
-    """
-    m = to_numpy(mean_image)
-    if m.ndim != 2:
-        raise InputError(f"mean_image must be a (y, x) image, got shape {m.shape}")
-    R = _responses(contrast_image(m, diameter), _templates(diameter / 2.0))
-    med = np.median(R, axis=(1, 2), keepdims=True)
-    return np.maximum(1.4826 * np.median(np.abs(R - med), axis=(1, 2)), 1e-12)
-
-
-def _paste(canvas, patch, py, px, op):
-    """Apply ``op(canvas_window, patch_window)`` for a patch centred at (py, px), clipped to the canvas."""
-    h, w = patch.shape[0] // 2, patch.shape[1] // 2
-    H, W = canvas.shape
-    y0, y1, x0, x1 = max(py - h, 0), min(py + h + 1, H), max(px - w, 0), min(px + w + 1, W)
-    if y1 <= y0 or x1 <= x0:
-        return None
-    sl = (slice(y0, y1), slice(x0, x1))
-    return sl, op(canvas[sl], patch[y0 - py + h:y1 - py + h, x0 - px + w:x1 - px + w])
-
-
-def detect_anatomical(mean_image, *, diameter: float, threshold: float = 6.0, mask_level: float = 0.3,
-                      min_area: float | None = None, max_area: float | None = None, max_compactness: float = 2.0,
-                      markers=None, scale=None, max_rois: int = 5000) -> ROISet:
-    """Cells in the mean image, active or not: template matching with peeling.
+def detect_anatomical(mean_image, *, diameter: float, threshold: float = 0.5, mask_level: float = 0.25,
+                      min_blobness: float = 0.25, min_area: float | None = None, max_area: float | None = None,
+                      max_compactness: float = 2.0, min_contrast: float = 1.0, markers=None,
+                      scale: float | None = None) -> ROISet:
+    """Cells in the mean image, active or not: LoG blobs and a watershed split.
 
     Parameters
     ----------
@@ -712,147 +642,110 @@ def detect_anatomical(mean_image, *, diameter: float, threshold: float = 6.0, ma
     diameter : float
         Expected cell diameter, pixels.
     threshold : float
-        Minimum matched-filter response of a cell, in robust spreads of the
-        response over the image (see :func:`anatomical_scale`).
+        Minimum scale-normalised LoG response of a blob, in units of the
+        image's robust spread (see :func:`contrast_image`).
     mask_level : float
-        A footprint keeps the pixels of its region brighter (in the top-hat
-        image) than this fraction of the region's 90th percentile.
+        Pixels of a blob whose smoothed contrast is below this fraction of the
+        blob's peak (and below 0) are not part of it.
     min_area, max_area : float, optional
-        Accepted sizes, pixels; default 0.3x and 2.5x the disk of ``diameter``.
+        Accepted sizes, pixels; default 0.25x and 2.5x the disk of ``diameter``.
+    min_blobness : float
+        Minimum ratio of the Hessian's smaller to larger (negative)
+        eigenvalue at the blob's centre: 1 for a round blob, 0 for a straight
+        edge or ridge.
     max_compactness : float
         See :func:`compactness`.
+    min_contrast : float
+        Minimum mean contrast of a footprint over its surround, in the same
+        units as ``threshold``.
+    scale : float, optional
+        Contrast unit (see :func:`contrast_image`); pass the whole plane's so
+        that tiles agree.
     markers : (k, 2) array, optional
-        Centres of cells found otherwise (e.g. activity ROIs): they take part
-        in the partition of the pixels (so a blob next to one does not take
-        its pixels) and are not returned.
-    scale : (n_templates,) array, optional
-        The unit of ``threshold`` (:func:`anatomical_scale`); default this image's.
-    max_rois : int
+        Extra watershed markers (e.g. centres of activity ROIs): regions grown
+        from them are not returned but keep the blobs from taking their pixels.
 
     Returns
     -------
     ROISet
-        Source ``"anatomical"``; ``score`` is the matched-filter response.
+        Source ``"anatomical"``; ``score`` is the LoG response.
 
     Notes
     -----
-    The mean image less a top-hat background (:func:`contrast_image`) is
-    correlated with centre-surround matched filters of filled and
-    nuclear-excluded (ring) cells at three sizes. Cells are taken greedily,
-    strongest first; each accepted cell's fitted template is subtracted from
-    the image and the responses are updated around it, so that a dim cell
-    touching a bright one is found once the bright one is gone (matching
-    pursuit, Mallat & Zhang 1993, IEEE Trans. Signal Process. 41:3397; the
-    greedy initialisation of CaImAn, Pnevmatikakis et al. 2016, Neuron
-    89:285, on the mean image). A pixel belongs to the cell whose (widened)
-    template is largest there; the footprint is the part of that region
-    brighter than ``mask_level`` of the region's bright pixels.
+    A nuclear-excluded cell is a bright ring around a dark nucleus; its LoG
+    response at ``sigma = r / sqrt(2)`` (``r`` = cell radius) peaks at the
+    centre (Lindeberg 1998), so one detector covers filled and ring cells.
+    Footprints come from a marker-controlled watershed of the smoothed
+    contrast image (Beucher & Meyer 1993), each region limited to a disk of
+    0.8 diameters around its marker.
     """
     import scipy.ndimage as sndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
 
     m = to_numpy(mean_image)
     if m.ndim != 2:
         raise InputError(f"mean_image must be a (y, x) image, got shape {m.shape}")
     r = diameter / 2.0
     area_disk = math.pi * r * r
-    min_area = 0.3 * area_disk if min_area is None else min_area
+    min_area = 0.25 * area_disk if min_area is None else min_area
     max_area = 2.5 * area_disk if max_area is None else max_area
-    z = contrast_image(m, diameter)
-    tpl = _templates(r)
-    Rs = _responses(z, tpl)
-    if scale is None:
-        med = np.median(Rs, axis=(1, 2), keepdims=True)
-        scale = np.maximum(1.4826 * np.median(np.abs(Rs - med), axis=(1, 2)), 1e-12)
-    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (len(tpl),))
-    Rs /= scale[:, None, None]
-    H, W = z.shape
-    resid = z.copy()
-    blocked = np.zeros((H, W), bool)
-    # two true cells' centres are at least ~1.4 radii apart; a leftover of a subtracted cell is closer
-    block = _disk(0.9 * r)
-    Rmax = max(t["R"] for t in tpl)
-    cells = []
-    from scipy.signal import fftconvolve
-
-    while len(cells) < max_rois:
-        S = np.where(blocked, -np.inf, Rs.max(axis=0))
-        p = int(np.argmax(S))
-        py, px = divmod(p, W)
-        best = float(S[py, px])
-        if not best >= threshold:
-            break
-        k = int(np.argmax(Rs[:, py, px]))
-        amp = best * scale[k] / tpl[k]["gain"]
-        _paste(resid, amp * tpl[k]["template"], py, px, _isub)
-        _paste(blocked, block, py, px, _ior)
-        cells.append((py, px, k, best))
-        M = tpl[k]["R"] + Rmax
-        uy0, uy1, ux0, ux1 = max(py - M, 0), min(py + M + 1, H), max(px - M, 0), min(px + M + 1, W)
-        cy0, cy1, cx0, cx1 = max(uy0 - Rmax, 0), min(uy1 + Rmax, H), max(ux0 - Rmax, 0), min(ux1 + Rmax, W)
-        patch = resid[cy0:cy1, cx0:cx1]
-        for j, t in enumerate(tpl):
-            rr = fftconvolve(patch, t["filter"], mode="same")
-            Rs[j, uy0:uy1, ux0:ux1] = rr[uy0 - cy0:uy1 - cy0, ux0 - cx0:ux1 - cx0] / scale[j]
-    if not cells:
+    z, _ = contrast_image(m, diameter, scale)
+    sigma = r / math.sqrt(2)
+    log = -sndi.gaussian_laplace(z, sigma, mode="reflect") * sigma * sigma
+    # a blob curves down along both principal directions; an edge or a ridge (vessel wall) only along one
+    hyy = sndi.gaussian_filter(z, sigma, order=(2, 0), mode="reflect")
+    hxx = sndi.gaussian_filter(z, sigma, order=(0, 2), mode="reflect")
+    hxy = sndi.gaussian_filter(z, sigma, order=(1, 1), mode="reflect")
+    half_tr, det_term = (hyy + hxx) / 2, np.sqrt(((hyy - hxx) / 2) ** 2 + hxy ** 2)
+    lam_small = half_tr + det_term  # the less negative eigenvalue
+    lam_big = half_tr - det_term
+    blobness = np.where(lam_big < 0, lam_small / np.minimum(lam_big, -1e-12), 0)
+    log = np.where(blobness >= min_blobness, log, 0)
+    peaks = peak_local_max(log, min_distance=max(int(round(r * 0.8)), 1), threshold_abs=threshold,
+                           exclude_border=False)
+    if not len(peaks):
         return ROISet.empty()
-    # partition: a pixel goes to the cell whose widened template is largest there (activity cells included)
+    zs = sndi.gaussian_filter(z, 1.0)
     extra = np.zeros((0, 2), int) if markers is None else np.asarray(markers, float).round().astype(int).reshape(-1, 2)
-    extra = extra[(extra[:, 0] >= 0) & (extra[:, 0] < H) & (extra[:, 1] >= 0) & (extra[:, 1] < W)]
-    centres = [(py, px, tpl[k]["rho"]) for py, px, k, _ in cells] + [(y, x, r) for y, x in extra]
-    weight = np.zeros((H, W))
-    owner = np.full((H, W), -1, np.int64)
-    for i, (py, px, rho) in enumerate(centres):
-        R = int(math.ceil(1.5 * rho))
-        yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
-        shape = 0.5 * (1 + np.tanh((1.25 * rho - np.hypot(yy, xx)) / 1.4))  # cells are ellipses: a bit wider
-        got = _paste(weight, shape, py, px, lambda a, b: b > a)
-        if got is None:
-            continue
-        sl, win = got
-        weight[sl][win] = shape[sl[0].start - py + R:sl[0].stop - py + R, sl[1].start - px + R:sl[1].stop - px + R][win]
-        owner[sl][win] = i
-    zs = sndi.gaussian_filter(z, 1.0, mode="reflect")
-    region = np.where(weight > 0.5, owner, -1)
-    objs = sndi.find_objects(region + 1, max_label=len(cells))
+    extra = extra[(extra[:, 0] >= 0) & (extra[:, 0] < m.shape[0]) & (extra[:, 1] >= 0) & (extra[:, 1] < m.shape[1])]
+    mk = np.zeros(m.shape, np.int32)
+    mk[tuple(extra.T)] = len(peaks) + 1 + np.arange(len(extra))
+    mk[tuple(peaks.T)] = 1 + np.arange(len(peaks))
+    # limit each region to a disk around its marker
+    reach = np.zeros(m.shape, bool)
+    disk = _disk(0.8 * diameter)
+    h = disk.shape[0] // 2
+    for py, px in np.concatenate([peaks, extra]):
+        sy, sx = slice(max(py - h, 0), min(py + h + 1, m.shape[0])), slice(max(px - h, 0), min(px + h + 1, m.shape[1]))
+        reach[sy, sx] |= disk[sy.start - py + h:sy.stop - py + h, sx.start - px + h:sx.stop - px + h]
+    regions = watershed(-zs, mk, mask=reach & (zs > 0))
     footprints, scores = [], {"score": [], "peak_to_noise": []}
-    for i, (py, px, k, best) in enumerate(cells):
+    objs = sndi.find_objects(regions, max_label=len(peaks))
+    for i, (py, px) in enumerate(peaks):
         sl = objs[i]
         if sl is None:
             continue
-        reg = region[sl] == i
-        vals = zs[sl]
-        top = float(np.percentile(vals[reg], 90))
+        reg = regions[sl] == i + 1
+        vals = np.where(reg, zs[sl], 0)
+        top = float(vals.max())
         if top <= 0:
             continue
         keep = reg & (vals >= mask_level * top)
         lab, _ = sndi.label(keep)
-        at = lab[py - sl[0].start, px - sl[1].start]
-        if at == 0:
-            sizes = np.bincount(lab.ravel())
-            sizes[0] = 0
-            at = int(np.argmax(sizes))
-            if at == 0:
-                continue
-        keep = lab == at
+        pk = np.unravel_index(np.argmax(np.where(keep, vals, -np.inf)), vals.shape)
+        keep = lab == lab[pk]
         yy, xx = np.nonzero(keep)
         if not min_area <= len(yy) <= max_area:
             continue
         coords = np.stack([yy + sl[0].start, xx + sl[1].start], axis=1)
-        if compactness(coords) > max_compactness:
+        if compactness(coords) > max_compactness or float(z[tuple(coords.T)].mean()) < min_contrast:
             continue
         footprints.append((coords, np.clip(vals[yy, xx] / top, 1e-3, 1.0)))
-        scores["score"].append(best)
+        scores["score"].append(float(log[py, px]))
         scores["peak_to_noise"].append(0.0)
     return ROISet.from_list(footprints, np.zeros((len(footprints), 0), np.float32), ["anatomical"] * len(footprints),
                             scores, ndim=2, n_bins=0)
-
-
-def _isub(a, b):
-    a -= b
-
-
-def _ior(a, b):
-    a |= b
 
 
 # --------------------------------------------------------------------------- both
