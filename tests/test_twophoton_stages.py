@@ -101,8 +101,10 @@ def test_bad_settings_and_missing_inputs_are_one_line_errors(tmp_path):
     ds.write_raw(np.zeros((50, 4, 4), np.uint16), kind="twophoton", scale=(1 / FS, 1, 1))
     with pytest.raises(StageError, match="run --stages extraction first"):
         run_spikes(ds, show_progress=False)
-    with pytest.raises(StageError, match="traces/dff"):
+    with pytest.raises(StageError, match="traces/spikes"):
         run_functional(ds)
+    with pytest.raises(StageError, match="traces/dff"):
+        run_functional(ds, config=FunctionalConfig(source="dff"))
     with pytest.raises(InputError, match="unknown spikes setting"):
         SpikesConfig.from_dict({"ar": 2})
     with pytest.raises(InputError, match="functional source"):
@@ -111,7 +113,7 @@ def test_bad_settings_and_missing_inputs_are_one_line_errors(tmp_path):
 
 def test_short_recording_keeps_correlations_without_surrogates(tmp_path):
     ds, _ = dff_store(tmp_path, n_cells=12, frames=200)  # 13 s at 15 Hz < 2 × 10 s
-    m = run_functional(ds, config=FunctionalConfig(threshold=0.0))
+    m = run_functional(ds, config=FunctionalConfig(source="dff", threshold=0.0))
     e = ds.read_table("graph/functional_edges").to_pydict()
     assert m["n_edges"] == len(e["roi_a"]) > 0 and "no surrogate test" in m["note"]
     assert np.all(np.isnan(e["p_value"]))

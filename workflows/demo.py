@@ -197,25 +197,27 @@ def twophoton_cell_rows(ds: Dataset, truth, ex, device: str, result: DemoResult)
     r_dff, r_spk = [], []
     for ours, true in pairs:
         d = np.asarray(dff[ours - 1], np.float64)
-        r_dff.append(float(np.corrcoef(d, truth.calcium[true - 1])[0, 1]) if d.std() > 0 else 0.0)
+        c = truth.calcium[true - 1]
+        r_dff.append(float(np.corrcoef(d, c)[0, 1]) if d.std() > 0 and c.std() > 0 else float("nan"))
         if truth.active[true - 1]:
             r_spk.append(float(binned_correlation(np.asarray(spikes[ours - 1]), truth.spikes[true - 1],
                                                   truth.frame_rate, bin_seconds=0.04)[0]))
     acc = np.asarray(rois.get("accepted", []), bool)
     result.add("twophoton", "extraction (neuropil-corrected ΔF/F)", "median r(ΔF/F, true calcium)",
-               f"{np.median(r_dff):.3f}" if r_dff else "–",
-               f"{len(r_dff)} matched ROIs; {int(acc.sum())}/{len(acc)} accepted")
+               f"{np.nanmedian(r_dff):.3f}" if np.isfinite(r_dff).any() else "–",
+               f"{int(np.isfinite(r_dff).sum())} matched cells with calcium; {int(acc.sum())}/{len(acc)} ROIs accepted")
     result.add("twophoton", "spikes (OASIS AR(2))", "median spike r (40 ms bins)",
                f"{np.median(r_spk):.3f}" if r_spk else "–", f"{len(r_spk)} matched active cells")
     edges = ds.read_table("graph/functional_edges").to_pydict()
     # map our ROI ids to ensembles through the matching; unmatched ROIs belong to none
     ens = {ours: int(truth.ensemble[true - 1]) for ours, true in pairs}
     found = {(a, b) for a, b in zip(edges["roi_a"], edges["roi_b"])}
+    judged = {(a, b) for a, b in found if a in ens and b in ens}  # edges of false ROIs have no truth
     same = {(a, b) for a in ens for b in ens if a < b and ens[a] >= 0 and ens[a] == ens[b]}
-    tp = len(found & same)
-    result.add("twophoton", "functional (ΔF/F, shift surrogates)", "ensemble pairs precision / recall",
-               f"{tp / max(len(found), 1):.2f} / {tp / max(len(same), 1):.2f}",
-               f"{len(found)} edges, {len(same)} true same-ensemble pairs among matched ROIs")
+    tp = len(judged & same)
+    result.add("twophoton", "functional (spikes, shift surrogates)", "ensemble pairs precision / recall",
+               f"{tp / max(len(judged), 1):.2f} / {tp / max(len(same), 1):.2f}",
+               f"{len(found)} edges ({len(judged)} between matched ROIs), {len(same)} true same-ensemble pairs")
     result.seconds["twophoton cells → functional"] = time.perf_counter() - t0
     return out
 

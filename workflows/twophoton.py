@@ -333,7 +333,7 @@ class FunctionalConfig:
     """Parameters of the functional stage (``[functional]``): see
     :func:`connectome.twophoton.correlation_edges`."""
 
-    source: str = "dff"  # dff or spikes
+    source: str = "spikes"  # spikes or dff (ΔF/F keeps shared neuropil and overlap: more false pairs)
     threshold: float = 0.2
     n_surrogates: int = 1000
     max_p: float | None = 0.01
