@@ -25,7 +25,8 @@ from connectome.em import (
 )
 from connectome.em._boundaries import eigvalsh_sym
 from connectome.em._classifier import from_sklearn
-from connectome.em._rag import contract, stitch_groups
+from connectome.em._rag import QUANTUM, contract, stitch_groups
+from connectome.em._watershed import fragment_tile, tile_budget, tiled_fragments, tiles_overlapping
 from connectome.errors import InputError
 from connectome.metrics import variation_of_information
 from connectome.synth.em import make_volume
@@ -139,6 +140,46 @@ def test_watershed_ids_consecutive_with_offset_and_one_fragment_per_cell():
     assert sub.shape == (3, 32, 64) and m == len(np.unique(sub))
 
 
+def test_tiled_fragments_do_not_depend_on_the_block():
+    """Fragments on a fixed tile lattice: any block, read with enough context, gives the
+    whole volume's fragments in its core, ids included; faces are reported once."""
+    image, labels = cells(shape=(4, 64, 80), n=14, seed=7)
+    b = (filter_bank(image, VS) * 255).astype(np.uint8)
+    shape, tile, halo = b.shape, fragment_tile(b.shape, (8, 24, 32), "2d"), (0, 10, 10)
+    assert tile == (1, 24, 32)
+    full = tuple(slice(0, s) for s in shape)
+    whole, n_whole, faces = tiled_fragments(b, VS, origin=(0, 0, 0), core=full, shape=shape, tile=tile, halo=halo)
+    assert whole.dtype == np.uint64 and whole.min() > 0 and len(np.unique(whole)) == n_whole
+    # ids are tile index × budget + 1 …
+    t = (whole - 1) // tile_budget(tile)
+    zz, yy, xx = np.indices(shape)
+    np.testing.assert_array_equal(t, np.ravel_multi_index((zz, yy // 24, xx // 32), (4, 3, 3)))
+    # tile faces inside the volume along y (24, 48) and x (32, 64), none along z in 2-D mode
+    assert sorted(faces) == ["A1_24", "A1_48", "A2_32", "A2_64", "B1_24", "B1_48", "B2_32", "B2_64"]
+    n_blocks = 0
+    for core in [(slice(0, 2), slice(0, 30), slice(0, 50)), (slice(2, 4), slice(30, 64), slice(50, 80)),
+                 (slice(1, 3), slice(13, 37), slice(21, 59)), (slice(0, 4), slice(0, 64), slice(0, 80))]:
+        tiles = tiles_overlapping(core, tile)
+        lo = [max(min(i[a] for i in tiles) * tile[a] - halo[a], 0) for a in range(3)]
+        hi = [min((max(i[a] for i in tiles) + 1) * tile[a] + halo[a], shape[a]) for a in range(3)]
+        outer = tuple(slice(a, z) for a, z in zip(lo, hi))
+        got, n, f = tiled_fragments(b[outer], VS, origin=tuple(lo), core=core, shape=shape, tile=tile, halo=halo)
+        np.testing.assert_array_equal(got, whole[core])
+        for key, face in f.items():  # the same views as the whole volume's, on this block's extent
+            a, p = (int(x) for x in key[1:].split("_"))
+            sl = list(core)
+            sl[a] = slice(0, 1)
+            np.testing.assert_array_equal(face, faces[key][tuple(sl)])
+        n_blocks += 1
+    with pytest.raises(InputError, match="needs the region"):
+        tiled_fragments(b[:, 10:], VS, origin=(0, 10, 0), core=(slice(0, 1), slice(10, 20), slice(0, 20)),
+                        shape=shape, tile=tile, halo=halo)
+    # the face views agree with the fragments where the watershed carried a fragment across
+    a1 = faces["A1_24"][:, 0]
+    carried = a1 != 0
+    assert carried.any() and set(a1[carried].tolist()) <= set(np.unique(whole[:, :24]).tolist())
+
+
 def test_watershed_uint8_map_and_bad_ndim():
     b = (filter_bank(cells()[0], VS) * 255).astype(np.uint8)
     frag, n = watershed_fragments(b, VS)
@@ -176,7 +217,8 @@ def test_block_rag_matches_brute_force_and_blocks_concatenate():
            zip(whole.iu, whole.iv, whole.count, whole.total)}
     assert set(got) == set(ref)
     for k in ref:
-        assert got[k][0] == ref[k][0] and got[k][1] == pytest.approx(ref[k][1], rel=1e-6)
+        # each pair's value is rounded to a multiple of QUANTUM (half a quantum at most)
+        assert got[k][0] == ref[k][0] and got[k][1] == pytest.approx(ref[k][1], abs=ref[k][0] * QUANTUM / 2 + 1e-9)
     assert whole.hist.sum() == whole.count.sum()
     # blockwise: every block reports its core plus the pairs across its upper faces
     tables = []
@@ -188,8 +230,30 @@ def test_block_rag_matches_brute_force_and_blocks_concatenate():
             tables.append(block_rag(frag[outer], prob[outer], inner=inner))
     merged = merge_rags(tables)
     np.testing.assert_array_equal(merged.count, whole.count)
-    np.testing.assert_allclose(merged.total, whole.total)
+    # pair values are multiples of QUANTUM: sums are exact whatever the blocks, not just close
+    np.testing.assert_array_equal(merged.total, whole.total)
+    assert np.all(np.rint(whole.total / QUANTUM) * QUANTUM == whole.total)
     np.testing.assert_array_equal(merged.sizes, whole.sizes)
+
+
+def test_block_rag_in_slabs_equals_one_pass(monkeypatch):
+    """block_rag gathers voxel pairs slab by slab along z (bounded memory): same table."""
+    import connectome.em._rag as rag_mod
+
+    rng = np.random.default_rng(4)
+    frag = rng.integers(1, 9, (9, 12, 10)).astype(np.uint64)
+    frag[:, :, 5:] += 8  # "tiles": ids differ across x = 5
+    prob = rng.random(frag.shape).astype(np.float32)
+    after = np.where(rng.random((7, 11, 1)) < 0.5, frag[1:8, :11, 4:5], 0).astype(np.uint64)
+    before = np.where(rng.random((7, 11, 1)) < 0.5, frag[1:8, :11, 5:6], 0).astype(np.uint64)
+    kw = dict(inner=(slice(1, 8), slice(0, 11), slice(0, 9)), at_border=[(False, False), (True, False), (True, True)],
+              stitch=[(2, 5, after, before)])
+    one = block_rag(frag, prob, **kw)
+    monkeypatch.setattr(rag_mod, "SLAB_VOXELS", 2 * 11 * 9)  # slabs of two sections
+    slabs = block_rag(frag, prob, **kw)
+    assert len(one["su"]) > 0 and len(one["u"]) > 0
+    for key in one:
+        np.testing.assert_array_equal(slabs[key], one[key], err_msg=key)
 
 
 def test_stitch_groups_and_contract():
@@ -198,7 +262,7 @@ def test_stitch_groups_and_contract():
     prob = np.full(frag.shape, 0.5, np.float32)
     after = np.array([[[1], [3]]], np.uint64)  # block A's view of the layer after its face
     before = np.array([[[2], [0]]], np.uint64)  # block B's view of A's last layer
-    t = block_rag(frag, prob, inner=(slice(0, 1), slice(0, 2), slice(0, 2)), stitch={2: (after, before)})
+    t = block_rag(frag, prob, inner=(slice(0, 1), slice(0, 2), slice(0, 2)), stitch=[(2, 2, after, before)])
     rag = merge_rags([t, block_rag(frag, prob, inner=(slice(0, 1), slice(0, 2), slice(2, 4)))])
     groups = stitch_groups(rag)
     assert groups[0] == groups[1] != groups[2]
@@ -227,6 +291,82 @@ def test_agglomeration_scores_never_decrease_and_threshold_is_a_lookup():
     truth = np.where(ndi.binary_dilation(b > 0.5), 0, labels)
     assert sum(variation_of_information(segment(b, VS, threshold=0.3), truth)) < 0.05
     assert sum(variation_of_information(segment(b, VS, method="mutex", threshold=0.3), truth)) < 0.05
+
+
+def _agglomerate_reference(rag, score="mean"):
+    """The plain-Python agglomeration (a dictionary per node) that the compiled one replaced."""
+    import heapq
+
+    from connectome.em._agglomerate import _score_fn
+
+    n, k = rag.n_nodes, rag.n_edges
+    qfn = _score_fn(score, rag.hist.shape[1])
+    count, total = rag.count.astype(float).tolist(), rag.total.astype(float).tolist()
+    hist = [row for row in rag.hist.astype(np.int64)]
+    first = rag.total / np.maximum(rag.count, 1) if qfn is None else np.array([qfn(h) for h in hist])
+    scores = first.tolist()
+    ea, eb = rag.iu.tolist(), rag.iv.tolist()
+    adj = [dict() for _ in range(n)]
+    for e, (x, y) in enumerate(zip(ea, eb)):
+        adj[x][y] = adj[y][x] = e
+    alive = [True] * k
+    idx = np.lexsort((np.arange(k), first))
+    queue = [(float(first[e]), int(e)) for e in idx]
+    cursor, heap, out = 0, [], []
+    while cursor < k or heap:
+        if cursor < k and (not heap or queue[cursor] < heap[0]):
+            s, e = queue[cursor]
+            cursor += 1
+        else:
+            s, e = heapq.heappop(heap)
+        if not alive[e] or s != scores[e]:
+            continue
+        x, y = ea[e], eb[e]
+        if len(adj[x]) < len(adj[y]):
+            x, y = y, x
+        alive[e] = False
+        del adj[x][y], adj[y][x]
+        out.append((x, y, s))
+        for w, f in adj[y].items():
+            del adj[w][y]
+            g = adj[x].get(w)
+            if g is None:
+                adj[x][w] = adj[w][x] = f
+                ea[f], eb[f] = x, w
+                continue
+            alive[f] = False
+            count[g] += count[f]
+            total[g] += total[f]
+            if qfn is None:
+                scores[g] = total[g] / count[g]
+            else:
+                hist[g] = hist[g] + hist[f]
+                scores[g] = qfn(hist[g])
+            heapq.heappush(heap, (scores[g], g))
+        adj[y] = {}
+    return out
+
+
+def test_compiled_agglomeration_equals_the_reference_with_ties():
+    from connectome.em import RegionGraph
+
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        n = int(rng.integers(2, 200))
+        iu, iv = rng.integers(0, n, 3 * n), rng.integers(0, n, 3 * n)
+        a, b = np.minimum(iu, iv), np.maximum(iu, iv)
+        key = np.unique(a[a != b] * n + b[a != b])
+        iu, iv, k = key // n, key % n, len(key)
+        count = rng.integers(1, 5, k)
+        level = rng.integers(0, 4, k)  # four values only: many exact ties
+        hist = np.zeros((k, 16), np.uint32)
+        hist[np.arange(k), level * 4] = count
+        rag = RegionGraph(np.arange(1, n + 1, dtype=np.uint64), np.ones(n, np.int64), np.zeros(n, np.int64),
+                          iu, iv, count, count * level / 8.0, hist)
+        for score in ("mean", "median"):
+            tree = agglomerate(rag, score=score)
+            ref = _agglomerate_reference(rag, score)
+            assert list(zip(tree.a.tolist(), tree.b.tolist(), tree.score.tolist())) == ref
 
 
 def test_cleanup_inclusions_and_tiny_segments():

@@ -54,6 +54,13 @@ def test_synthetic_accuracy_beats_baseline_and_mitochondria_do_not_split(tmp_pat
     mito = mitochondria_splits(seg, truth)
     assert mito["mito_off_main"] <= mito["other_off_main"] + 0.05, mito
     assert mito["vi_split_with_mito"] <= mito["vi_split_without_mito"] + 0.2, mito
+    # false splits caused by mitochondria (issue #5): voxel pairs of one neuron within 4 in-plane voxels
+    # of a mitochondrion are not split more often than the neuron's other pairs. The supervoxels show
+    # the effect in-plane (3.7 % near vs 2.9 % far: the dark outline reads as membrane); agglomeration
+    # and the inclusion rule undo it (measured y 1.7 % vs 2.1 %, x 1.6 % vs 2.1 %, z 24.0 % vs 24.8 %).
+    # The allowance, a quarter more, is above the noise and below the supervoxels' 1.27×.
+    for axis in "zyx":
+        assert mito[f"split_near_mito_{axis}"] <= 1.25 * mito[f"split_far_mito_{axis}"] + 0.002, (axis, mito)
     # outputs are OME-NGFF label images with a pyramid, marked complete
     for name in ("em/fragments", "em/segmentation"):
         group = ds.root[name]
@@ -78,11 +85,12 @@ def test_block_size_invariance_vi_below_001(tmp_path):
 
 
 def test_cut_fragments_are_stitched_in_2d_mode(tmp_path):
-    """Serial sections (2-D mode): fragments cut by block faces are joined again, so the
-    blockwise supervoxels equal the whole-volume ones up to a few voxels."""
+    """Serial sections (2-D mode): fragments cut by tile faces are joined again, so the
+    tiled supervoxels equal the whole-volume ones up to a few voxels."""
     image, _ = make_volume((16, 128, 128), voxel_size=ANISO, seed=2)
     ds = store(tmp_path, image, ANISO)
-    cfg = config((8, 64, 96), agglomeration={"threshold": 1e-6, "min_size": 0, "inclusion_fraction": 2.0})
+    cfg = config((8, 64, 96), agglomeration={"threshold": 1e-6, "min_size": 0, "inclusion_fraction": 2.0},
+                 fragments={"tile": [1, 64, 96]})
     with executor("threads") as ex:
         m = run_em(ds, config=cfg, executor=ex, show_progress=False)
     assert m["agglomeration"]["n_stitched"] > 0
@@ -103,12 +111,12 @@ def test_interrupted_stage_resumes_and_finished_stages_are_skipped(tmp_path, mon
     real = wem._fragments_block
     calls = []
 
-    def flaky(boundaries, voxel_size, inner, offset, faces_path, **kw):
-        if offset == 7 * 8 * 32 * 32:  # the last of 8 blocks fails, once the others had time to finish
+    def flaky(boundaries, voxel_size, origin, core, faces_path, **kw):
+        if [c.start for c in core] == [8, 32, 32]:  # the last of 8 blocks fails, once the others had time to finish
             time.sleep(1.0)
             raise RuntimeError("simulated crash")
-        calls.append(offset)
-        return real(boundaries, voxel_size, inner, offset, faces_path, **kw)
+        calls.append(core)
+        return real(boundaries, voxel_size, origin, core, faces_path, **kw)
 
     monkeypatch.setattr(wem, "_fragments_block", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -118,7 +126,7 @@ def test_interrupted_stage_resumes_and_finished_stages_are_skipped(tmp_path, mon
     assert 0 < done < 8
     monkeypatch.setattr(wem, "_fragments_block", real)
     calls.clear()
-    monkeypatch.setattr(wem, "_fragments_block", lambda *a, **k: (calls.append(k["offset"]), real(*a, **k))[1])
+    monkeypatch.setattr(wem, "_fragments_block", lambda *a, **k: (calls.append(k["core"]), real(*a, **k))[1])
     run_em(ds, config=cfg, show_progress=False)
     assert len(calls) == 8 - done  # finished blocks were not recomputed
     np.testing.assert_array_equal(ds.array("em/segmentation")[...], ref.array("em/segmentation")[...])
@@ -230,11 +238,9 @@ def test_cli_em_and_em_train(tmp_path, capsys):
     assert main(["em", path, "--config", str(cfg), "--cluster", "threads", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "agglomeration: n_segments" in out
-    assert main(["em", path, "--stages", "fragments,graph", "--cluster", "threads"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "not available yet" in err and err.count("\n") == 1
     assert main(["em", path, "--stages", "fragmnts", "--cluster", "threads"]) == 2
-    assert "unknown EM stage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "unknown EM stage" in err and err.count("\n") == 1
     labels = np.where(truth.boundaries, 2, 1).astype(np.uint8)
     labels[:, :, 32:] = 0  # half of each section labelled
     tifffile.imwrite(tmp_path / "labels.tif", labels)

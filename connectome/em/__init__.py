@@ -44,7 +44,7 @@ from connectome.em._synapses import (
     synapse_training_labels,
     train_synapse_model,
 )
-from connectome.em._watershed import watershed_fragments
+from connectome.em._watershed import fragment_tile, tile_budget, tiled_fragments, tiles_overlapping, watershed_fragments
 
 __all__ = [
     "DetectionParams",
@@ -80,5 +80,9 @@ __all__ = [
     "threshold_lookup",
     "train",
     "train_synapse_model",
+    "fragment_tile",
+    "tile_budget",
+    "tiled_fragments",
+    "tiles_overlapping",
     "watershed_fragments",
 ]

@@ -20,6 +20,7 @@ there) and numbers segments ``1 … n``.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass
 
@@ -79,85 +80,188 @@ def agglomerate(rag: RegionGraph, *, score: str = "mean", max_score: float = 1.0
     Returns
     -------
     MergeTree
-    """
-    from array import array
 
+    Notes
+    -----
+    Waterz-style mean agglomeration (Funke et al. 2019): the lowest-scoring
+    edge merges its two regions; the merged region's parallel edges are
+    combined (counts, sums, histograms add) and re-queued. Ties are broken
+    by edge index (the edges' order in the graph, i.e. by supervoxel ids),
+    never by the order of work. Compiled with Numba on arrays: about 80
+    bytes an edge (the region graph's adjacency as linked lists of edge
+    ends), where a dictionary per node took over 250, and much faster.
+    """
     n = rag.n_nodes
     k = rag.n_edges
-    bins = rag.hist.shape[1] if rag.hist.ndim == 2 else 16
-    qfn = _score_fn(score, bins)
-    # per-edge state in compact arrays (8 bytes an edge, not a Python object each)
-    count = array("d", rag.count.astype(np.float64).tobytes())
-    total = array("d", rag.total.astype(np.float64).tobytes())
-    hist_rows = [row for row in rag.hist.astype(np.int64)] if qfn is not None else None
-    if qfn is None:
-        first = rag.total / np.maximum(rag.count, 1)
+    bins = rag.hist.shape[1] if rag.hist.ndim == 2 else 0
+    q = _quantile(score)
+    if q is not None and bins == 0:
+        raise InputError(f"score {score!r} needs the edges' histograms; the region graph was read without them")
+    count = rag.count.astype(np.float64)
+    total = rag.total.astype(np.float64)
+    hist = rag.hist.astype(np.int64) if q is not None else np.zeros((k, 0), np.int64)
+    if q is None:
+        first = total / np.maximum(count, 1)
     else:
-        first = np.array([qfn(h) for h in hist_rows], np.float64)
-    scores = array("d", first.astype(np.float64).tobytes())
-    ends_a = array("q", rag.iu.astype(np.int64).tobytes())
-    ends_b = array("q", rag.iv.astype(np.int64).tobytes())
-    adj: list[dict] = [dict() for _ in range(n)]
-    for start in range(0, k, 1 << 16):  # in slices: no full Python list of all edges at once
-        for e, (x, y) in enumerate(zip(rag.iu[start:start + (1 << 16)].tolist(),
-                                       rag.iv[start:start + (1 << 16)].tolist()), start):
-            adj[x][y] = e
-            adj[y][x] = e
-    alive = bytearray(b"\x01") * k
-    # the initial edges in score order (a sorted array walked by a cursor), and a heap for the
-    # edges whose score changed; the next edge is the smaller (score, index) of the two
-    idx = np.lexsort((np.arange(k), first))
-    first_sorted = array("d", first[idx].astype(np.float64).tobytes())
-    order = array("q", idx.astype(np.int64).tobytes())
-    del idx
-    cursor = 0
-    heap: list = []
-    out_a, out_b, out_s = [], [], []
-    while True:
-        if cursor < k and (not heap or (first_sorted[cursor], order[cursor]) < heap[0]):
-            s, e = first_sorted[cursor], order[cursor]
-            cursor += 1
-        elif heap:
-            s, e = heapq.heappop(heap)
-        else:
-            break
-        if not alive[e] or s != scores[e]:
-            continue
-        if s >= max_score:
-            break
-        x, y = ends_a[e], ends_b[e]
-        # keep the node with more neighbours; move the other's edges over
-        if len(adj[x]) < len(adj[y]):
-            x, y = y, x
-        alive[e] = 0
-        del adj[x][y]
-        del adj[y][x]
-        out_a.append(x)
-        out_b.append(y)
-        out_s.append(s)
-        ax = adj[x]
-        for w, f in adj[y].items():
-            aw = adj[w]
-            del aw[y]
-            g = ax.get(w)
-            if g is None:  # the edge moves to x
-                ax[w] = f
-                aw[x] = f
-                ends_a[f], ends_b[f] = x, w
-                continue
-            # combine f into g
-            alive[f] = 0
-            count[g] += count[f]
-            total[g] += total[f]
-            if qfn is None:
-                new = total[g] / count[g]
+        first = _hist_quantiles(hist, q)
+    order = np.lexsort((np.arange(k), first)).astype(np.int64)
+    a, b, sc, m = _kernels()["agglomerate"](
+        int(n), rag.iu.astype(np.int64), rag.iv.astype(np.int64), count, total, hist, first, order,
+        first[order].copy(), -1.0 if q is None else float(q), float(max_score))
+    return MergeTree(n, a[:m].copy(), b[:m].copy(), sc[:m].copy())
+
+
+def _quantile(score: str):
+    if score == "mean":
+        return None
+    q = {"median": 0.5, "p25": 0.25, "p75": 0.75}.get(score)
+    if q is None:
+        raise InputError(f"unknown agglomeration score {score!r}: expected one of {', '.join(SCORES)}")
+    return q
+
+
+def _hist_quantiles(hist, q):
+    """Quantile ``q`` of every histogram row (bin centres), 1.0 for an empty row."""
+    k, bins = hist.shape
+    c = np.cumsum(hist, axis=1)
+    tot = c[:, -1] if bins else np.zeros(k)
+    idx = np.array([int(np.searchsorted(row, q * t)) for row, t in zip(c, tot)], np.int64) if k else np.zeros(0, int)
+    out = (np.minimum(idx, max(bins - 1, 0)) + 0.5) / max(bins, 1)
+    return np.where(tot > 0, out, 1.0).astype(np.float64)
+
+
+@functools.cache
+def _kernels():
+    """Numba kernels, compiled (or loaded from the cache) on first use."""
+    import heapq as hq
+
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def quantile_row(row, q):  # pragma: no cover - compiled
+        bins = row.shape[0]
+        t = 0.0
+        for i in range(bins):
+            t += row[i]
+        if t <= 0:
+            return 1.0
+        target = q * t
+        c = 0.0
+        for i in range(bins):
+            c += row[i]
+            if c >= target:
+                return (i + 0.5) / bins
+        return (bins - 0.5) / bins
+
+    @numba.njit(cache=True, nogil=True)
+    def agglomerate(n, iu, iv, count, total, hist, first, order, first_sorted, q, max_score):  # pragma: no cover
+        k = iu.shape[0]
+        # adjacency: edge e has two ends, 2e (at iu) and 2e + 1 (at iv); each node keeps a linked
+        # list of its ends; ends of dead edges are unlinked lazily
+        ends = np.empty(2 * k, np.int64)  # the node an end sits at
+        ea = iu.copy()  # the edge's two nodes, in the order the merge rule reads them
+        eb = iv.copy()
+        nxt = np.full(2 * k, -1, np.int64)
+        head = np.full(n, -1, np.int64)
+        deg = np.zeros(n, np.int64)
+        for e in range(k):
+            for side in range(2):
+                end = 2 * e + side
+                node = iu[e] if side == 0 else iv[e]
+                ends[end] = node
+                nxt[end] = head[node]
+                head[node] = end
+                deg[node] += 1
+        scores = first.copy()
+        alive = np.ones(k, np.bool_)
+        mark = np.full(n, -1, np.int64)  # scratch: mark[w] = edge from the kept node to w
+        out_a = np.empty(max(n - 1, 0), np.int64)
+        out_b = np.empty(max(n - 1, 0), np.int64)
+        out_s = np.empty(max(n - 1, 0), np.float64)
+        m = 0
+        heap = [(0.0, np.int64(0))]
+        heap.pop()
+        cursor = 0
+        while True:
+            if cursor < k and (len(heap) == 0 or (first_sorted[cursor], order[cursor]) < heap[0]):
+                s = first_sorted[cursor]
+                e = order[cursor]
+                cursor += 1
+            elif len(heap) > 0:
+                s, e = hq.heappop(heap)
             else:
-                hist_rows[g] = hist_rows[g] + hist_rows[f]
-                new = qfn(hist_rows[g])
-            scores[g] = new
-            heapq.heappush(heap, (new, g))
-        adj[y] = {}
-    return MergeTree(n, np.asarray(out_a, np.int64), np.asarray(out_b, np.int64), np.asarray(out_s, np.float64))
+                break
+            if not alive[e] or s != scores[e]:
+                continue
+            if s >= max_score:
+                break
+            x = ea[e]
+            y = eb[e]
+            if deg[x] < deg[y]:  # keep the node with more neighbours
+                x, y = y, x
+            alive[e] = False
+            deg[x] -= 1
+            deg[y] -= 1
+            out_a[m] = x
+            out_b[m] = y
+            out_s[m] = s
+            m += 1
+            # mark x's live neighbours, unlinking dead ends on the way
+            prev = -1
+            end = head[x]
+            while end != -1:
+                f = end >> 1
+                after = nxt[end]
+                if alive[f]:
+                    mark[ends[end ^ 1]] = f
+                    prev = end
+                else:
+                    if prev == -1:
+                        head[x] = after
+                    else:
+                        nxt[prev] = after
+                end = after
+            # y's live edges: combined into x's parallel edge, or moved to x
+            end = head[y]
+            while end != -1:
+                f = end >> 1
+                after = nxt[end]
+                if alive[f]:
+                    w = ends[end ^ 1]
+                    g = mark[w]
+                    deg[w] -= 1  # w loses its end of f (re-counted below when f moves)
+                    if g >= 0:
+                        alive[f] = False
+                        count[g] += count[f]
+                        total[g] += total[f]
+                        if q < 0:
+                            new = total[g] / count[g]
+                        else:
+                            for i in range(hist.shape[1]):
+                                hist[g, i] += hist[f, i]
+                            new = quantile_row(hist[g], q)
+                        scores[g] = new
+                        hq.heappush(heap, (new, g))
+                    else:
+                        ends[end] = x
+                        ea[f] = x
+                        eb[f] = w
+                        nxt[end] = head[x]
+                        head[x] = end
+                        deg[x] += 1
+                        deg[w] += 1
+                        mark[w] = f
+                end = after
+            head[y] = -1
+            deg[y] = 0
+            # clear the marks
+            end = head[x]
+            while end != -1:
+                mark[ends[end ^ 1]] = -1
+                end = nxt[end]
+        return out_a, out_b, out_s, m
+
+    return {"agglomerate": agglomerate}
 
 
 def threshold_lookup(tree: MergeTree, threshold: float) -> np.ndarray:

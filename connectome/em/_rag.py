@@ -13,13 +13,19 @@ core, i.e. the pairs inside the core and those across its *upper* faces
 one block, and since a supervoxel lives in one block's core, every edge is
 written by exactly one block: merging the blocks' tables is concatenation.
 
-Stitching. A fragment that straddles a block face is cut in two. Each
-block's watershed also labels the layer just beyond its core (its halo), so
-for a voxel pair across a face both blocks say whether they see one basin
-there. Pairs where both agree are *stitch* pairs: they are counted apart
-(``stitch``), not as boundary contact, and :func:`stitch_groups` joins the
-two halves before agglomeration starts, so the graph the agglomeration sees
-is the graph of the whole volume.
+Stitching. A fragment that straddles a tile face (see
+:func:`connectome.em.tiled_fragments`) is cut in two. Each tile's watershed
+also labels the layer just beyond its core (its halo), so for a voxel pair
+across a face both tiles say whether they see one basin there. Pairs where
+both agree are *stitch* pairs: they are counted apart (``stitch``), not as
+boundary contact, and :func:`stitch_groups` joins the two halves before
+agglomeration starts, so the graph the agglomeration sees is close to the
+graph of the whole volume.
+
+Exact sums. The value of a voxel pair is rounded to a multiple of
+``2**-16`` (:data:`QUANTUM`), so sums of values are exact in float64 and do
+not depend on the order in which blocks add them: the same fragments give
+the same graph, bit for bit, whatever the block grid.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from connectome.em._watershed import as_probability
 
 #: Histogram bins of the boundary value per edge.
 BINS = 16
+#: Voxel-pair values are multiples of this (exact float64 sums in any order).
+QUANTUM = 2.0 ** -16
+#: A block's voxel pairs are gathered in slabs of about this many voxels (bounded temporaries).
+SLAB_VOXELS = 1 << 18
 
 _FIELDS = ("u", "v", "count", "total", "hist", "ids", "sizes", "border", "su", "sv", "scount", "saxis")
 
@@ -54,11 +64,14 @@ def block_rag(fragments, boundaries, *, inner=None, at_border=None, stitch=None,
     at_border : sequence of (bool, bool) per axis, optional
         Whether the core's lower / upper face is the volume's face; the
         voxels there count towards a supervoxel's ``border`` contact.
-    stitch : dict, optional
-        ``axis -> (after, before)``: this block's view of the layer after its
-        upper face (its own ids where its watershed carried a core fragment
-        across, see :func:`watershed_fragments` with ``faces=True``) and the
-        next block's view of this block's last layer, in the next block's ids.
+    stitch : sequence of (axis, position, after, before), optional
+        Faces between tiles of the fragment lattice (see
+        :func:`connectome.em.tiled_fragments`): ``position`` is the index,
+        in the arrays, of the first layer beyond the face; ``after`` is the
+        lower side's view of that layer (its own ids where its watershed
+        carried a core fragment across the face, else 0) and ``before`` the
+        upper side's view of the layer ``position - 1``, both of the core's
+        extent on the other axes (length 1 along ``axis``).
     axes : sequence of int, optional
         Axes along which contacts count (default all); ``(1, 2)`` keeps the
         sections of a 2-D segmentation apart.
@@ -80,6 +93,61 @@ def block_rag(fragments, boundaries, *, inner=None, at_border=None, stitch=None,
     if inner is None:
         inner = tuple(slice(0, s) for s in frag.shape)
     inner = tuple(slice(s.start or 0, frag.shape[i] if s.stop is None else s.stop) for i, s in enumerate(inner))
+    # slabs along the first axis: the voxel-pair temporaries (several times the block in
+    # 64-bit ids and values) stay bounded by a slab, not the block
+    plane = int(np.prod([s.stop - s.start for s in inner[1:]])) if nd > 1 else 1
+    step = max(1, SLAB_VOXELS // max(plane, 1))
+    z0, z1 = inner[0].start, inner[0].stop
+    if z1 - z0 <= step:
+        return _block_rag_part(frag, prob, inner, at_border, stitch, axes, bins)
+    parts = []
+    for lo in range(z0, z1, step):
+        hi = min(lo + step, z1)
+        sub = (slice(lo, hi),) + tuple(inner[1:])
+        border = None
+        if at_border is not None:
+            border = [tuple(x) for x in at_border]
+            border[0] = (border[0][0] and lo == z0, border[0][1] and hi == z1)
+        views = []
+        for axis, position, after, before in (stitch or ()):
+            if axis != 0 and after is not None and before is not None:  # faces span the core's z: crop
+                after, before = after[lo - z0:hi - z0], before[lo - z0:hi - z0]
+            views.append((axis, position, after, before))
+        parts.append(_block_rag_part(frag, prob, sub, border, views, axes, bins))
+    return _combine(parts, bins)
+
+
+def _combine(parts, bins) -> dict:
+    """One block table from the tables of its slabs (sums per supervoxel and per pair)."""
+    cat = {f: np.concatenate([p[f] for p in parts]) for f in _FIELDS}
+    ids, inv = np.unique(cat["ids"], return_inverse=True)
+    sizes = np.bincount(inv.ravel(), weights=cat["sizes"], minlength=len(ids)).astype(np.int64)
+    border = np.bincount(inv.ravel(), weights=cat["border"], minlength=len(ids)).astype(np.int64)
+    su, sv, scount, saxis = cat["su"], cat["sv"], cat["scount"], cat["saxis"]
+    if len(su):
+        rows, sinv = np.unique(np.stack([su, sv, saxis.astype(np.uint64)], axis=1), axis=0, return_inverse=True)
+        scount = np.bincount(sinv.ravel(), weights=scount, minlength=len(rows)).astype(np.int64)
+        su, sv, saxis = rows[:, 0], rows[:, 1], rows[:, 2].astype(np.int64)
+    u, v = cat["u"], cat["v"]
+    if len(u) == 0:
+        return _table(u, v, cat["count"], cat["total"], cat["hist"].reshape(0, bins), ids, sizes, border,
+                      su, sv, scount, saxis)
+    local = np.unique(np.concatenate([u, v]))
+    key = np.searchsorted(local, u).astype(np.int64) * len(local) + np.searchsorted(local, v)
+    keys, einv = np.unique(key, return_inverse=True)
+    einv = einv.ravel()
+    k = len(keys)
+    count = np.bincount(einv, weights=cat["count"], minlength=k).astype(np.int64)
+    total = np.bincount(einv, weights=cat["total"], minlength=k)  # exact: multiples of QUANTUM
+    hist = np.zeros((k, bins), np.int64)
+    np.add.at(hist, einv, cat["hist"].astype(np.int64))
+    return _table(local[keys // len(local)], local[keys % len(local)], count, total, hist.astype(np.uint32), ids,
+                  sizes, border, su, sv, scount, saxis)
+
+
+def _block_rag_part(frag, prob, inner, at_border, stitch, axes, bins) -> dict:
+    """:func:`block_rag` of one slab of the core (arrays already converted)."""
+    nd = frag.ndim
     core = frag[inner]
     ids, sizes = np.unique(core, return_counts=True)
     keep = ids != 0
@@ -101,19 +169,23 @@ def block_rag(fragments, boundaries, *, inner=None, at_border=None, stitch=None,
         m = (x != y) & (x != 0) & (y != 0)
         if not m.any():
             continue
-        views = (stitch or {}).get(a)
-        if views is not None and views[0] is not None and views[1] is not None and stop == inner[a].stop + 1:
+        same = None
+        for axis, position, after, before in (stitch or ()):
+            k = int(position) - 1 - inner[a].start  # the face's index in the pair arrays
+            if axis != a or after is None or before is None or not 0 <= k < m.shape[a]:
+                continue
             face = [slice(None)] * nd
-            face[a] = slice(-1, None)
+            face[a] = slice(k, k + 1)
             face = tuple(face)
-            same = np.zeros(m.shape, bool)
-            same[face] = (np.asarray(views[0]) == x[face]) & (np.asarray(views[1]) == y[face]) & m[face]
-            if same.any():
-                sus.append(np.minimum(x[same], y[same]))
-                svs.append(np.maximum(x[same], y[same]))
-                sax.append(np.full(int(same.sum()), a, np.int64))
-                m &= ~same
-        val = 0.5 * (prob[tuple(lo)][m] + prob[tuple(hi)][m])
+            if same is None:
+                same = np.zeros(m.shape, bool)
+            same[face] = (np.asarray(after) == x[face]) & (np.asarray(before) == y[face]) & m[face]
+        if same is not None and same.any():
+            sus.append(np.minimum(x[same], y[same]))
+            svs.append(np.maximum(x[same], y[same]))
+            sax.append(np.full(int(same.sum()), a, np.int64))
+            m &= ~same
+        val = 0.5 * (prob[tuple(lo)][m].astype(np.float64) + prob[tuple(hi)][m])
         xv, yv = x[m], y[m]
         us.append(np.minimum(xv, yv))
         vs.append(np.maximum(xv, yv))
@@ -139,7 +211,7 @@ def block_rag(fragments, boundaries, *, inner=None, at_border=None, stitch=None,
     if len(u) == 0:
         return _table(u, v, np.zeros(0, np.int64), np.zeros(0), np.zeros((0, bins), np.uint32), ids, sizes, border,
                       su, sv, scount, saxis)
-    val = np.clip(np.concatenate(vals), 0.0, 1.0)
+    val = np.clip(np.rint(np.concatenate(vals) / QUANTUM) * QUANTUM, 0.0, 1.0)
     # group voxel pairs by supervoxel pair through a compact local index
     local = np.unique(np.concatenate([u, v]))
     iu = np.searchsorted(local, u).astype(np.int64)
@@ -255,9 +327,10 @@ def merge_rags(tables) -> RegionGraph:
     su, sv = index(cat["su"], "a stitch pair"), index(cat["sv"], "a stitch pair")
     scount = np.asarray(cat["scount"], np.int64)
     saxis = np.asarray(cat["saxis"], np.int64)
-    if len(su):
-        order = np.lexsort((sv, su))  # one block writes each (pair, face): no duplicates to sum
-        su, sv, scount, saxis = su[order], sv[order], scount[order], saxis[order]
+    if len(su):  # a tile face crossing several blocks is reported by each: sum per (pair, axis)
+        rows, inv = np.unique(np.stack([su, sv, saxis], axis=1), axis=0, return_inverse=True)
+        scount = np.bincount(inv.ravel(), weights=scount, minlength=len(rows)).astype(np.int64)
+        su, sv, saxis = rows[:, 0], rows[:, 1], rows[:, 2]
     if len(cat["u"]) == 0:
         z = np.zeros(0, np.int64)
         return RegionGraph(ids, sizes, border, z, z, z, np.zeros(0), np.zeros((0, bins), np.uint32), su, sv, scount,
