@@ -74,11 +74,12 @@ def make_store(path: Path, image: np.ndarray, chunks) -> None:
     ds.root.attrs["connectome"] = {"kind": "em"}
 
 
-def run_stage(store: Path, stage: str, config: Path) -> dict:
+def run_stage(store: Path, stage: str, config: Path | None, command: str = "em") -> dict:
+    """Run one stage of ``connectome COMMAND`` in a fresh process; its time, VmHWM and polled peak."""
     import psutil
 
-    cmd = [sys.executable, "-c", RUN, "em", str(store), "--stages", stage, "--overwrite", stage,
-           "--config", str(config), "--cluster", "threads"]
+    cmd = [sys.executable, "-c", RUN, command, str(store), "--stages", stage, "--overwrite", stage,
+           "--cluster", "threads"] + (["--config", str(config)] if config else [])
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
@@ -97,7 +98,7 @@ def run_stage(store: Path, stage: str, config: Path) -> dict:
     hwm = [int(line.split()[1]) for line in err.splitlines() if line.startswith("VMHWM_KB")]
     from connectome.io import Dataset
 
-    prov = Dataset(store).provenance.get(f"em.{stage}") or {}
+    prov = Dataset(store).provenance.get(f"{command}.{stage}") or {}
     return {"stage": stage, "seconds": round(seconds, 2), "vmhwm_mb": round(hwm[-1] / 1024, 1) if hwm else None,
             "polled_peak_mb": round(peak / 2**20, 1), "metrics": prov.get("metrics", {})}
 

@@ -42,8 +42,8 @@ def run_cli(store: Path, cluster: str, workers: int | None = None) -> dict:
     """Run ``connectome twophoton`` and sample the RSS of its process tree."""
     import psutil
 
-    cmd = [sys.executable, "-m", "connectome.cli", "twophoton", str(store), "--cluster", cluster,
-           "--overwrite", "registration", "--overwrite", "summary"]
+    cmd = [sys.executable, "-m", "connectome.cli", "twophoton", str(store), "--stages", "registration,summary",
+           "--cluster", cluster, "--overwrite", "registration", "--overwrite", "summary"]
     env = None
     if workers:
         import os
