@@ -41,6 +41,7 @@ def test_spikes_stage_recovers_spikes_and_resumes(tmp_path, monkeypatch):
     # the bar for the synthetic data: median spike correlation (40 ms bins) >= 0.7
     assert np.median(r) >= 0.7, np.median(r)
     assert m["n_rois"] == truth.spikes.shape[0]
+    assert ds.provenance.get("twophoton.spikes")["resumed"] is False  # a first run is not a resumed one
 
     # an interrupted run resumes and ends identical to the uninterrupted one
     import workflows.twophoton as w

@@ -394,7 +394,6 @@ def run_spikes(ds: Dataset, *, config: SpikesConfig | None = None, executor: Exe
     if out not in ds or overwrite or tuple(ds.root[out].shape) != (n, T) or ds.root[out].chunks[0] != rows:
         reset_progress(ds, stage)
         ds.create_output(out, shape=(n, T), dtype="float32", chunks=(rows, T), stage=stage, overwrite=True)
-    ds.provenance.begin(stage, parameters=params)
     kw = {k: getattr(cfg, k) for k in ("ar_order", "decay_time", "rise_time", "s_min", "smooth")}
     report = run_blockwise(ds, stage, _spikes_block, inputs=[source], outputs=[out], block_shape=(rows, T),
                            parameters=params, executor=executor, device=device,
