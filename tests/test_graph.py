@@ -62,6 +62,7 @@ def test_aggregate_edges_equals_group_by(xp, ids_kind, threads, monkeypatch):
     # exercise the radix partition (many buckets) and the piecewise reduction (runs crossing pieces)
     monkeypatch.setattr(agg, "BUCKET", 300)
     monkeypatch.setattr(agg, "PIECE", 97)
+    monkeypatch.setattr(agg, "GROUP", 1000)
     rng = np.random.default_rng(1)
     m = 20000
     pre = rng.integers(0, 60, m).astype(np.uint64)  # 0 = unassigned, left out
@@ -293,3 +294,179 @@ def test_sql_cannot_touch_files(tmp_path):
             run_query(tables, q)
         assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.csv"]
+
+
+# ------------------------------------------------------------------ streamed ingest (file → edges)
+def synapse_file(path, pre, post, size=None, score=None, row_group=700, id_type=pa.uint64()):
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = {"synapse_id": np.arange(1, pre.size + 1), "pre_id": pa.array(pre, id_type),
+            "post_id": pa.array(post, id_type)}
+    if size is not None:
+        cols["size"] = pa.array(size)
+    if score is not None:
+        cols["score"] = pa.array(score)
+    pq.write_table(pa.table(cols), path, row_group_size=row_group, compression="zstd")
+    return path
+
+
+def random_synapses(rng, m, n_ids=80, roots=False):
+    pre = rng.integers(0, n_ids, m).astype(np.uint64)  # 0 = unassigned
+    post = rng.integers(0, n_ids, m).astype(np.uint64)
+    ids = np.arange(1, n_ids, dtype=np.uint64)
+    if roots:  # FlyWire-like 64-bit root ids
+        ids = np.unique(rng.integers(720575940000000000, 720575949999999999, n_ids * 2))[:n_ids - 1].astype(np.uint64)
+        table = np.concatenate([np.zeros(1, np.uint64), ids])
+        pre, post = table[pre], table[post]
+    return pre, post, rng.integers(1, 3000, m).astype(np.int32), ids
+
+
+@pytest.mark.parametrize("roots", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_streamed_file_equals_whole_array(tmp_path, monkeypatch, roots, threads):
+    import workflows.graph as wg
+
+    monkeypatch.setattr(agg, "BUCKET", 200)  # many buckets, several row groups per bucket
+    monkeypatch.setattr(agg, "GROUP", 700)
+    rng = np.random.default_rng(11)
+    pre, post, size, ids = random_synapses(rng, 30000, roots=roots)
+    path = synapse_file(tmp_path / "s.parquet", pre, post, size)
+    edges, counts = wg.aggregate_synapse_file(path, threads=threads, batch_rows=300)
+    whole = aggregate_edges(pre, post, size.astype(np.int64))
+    keys, n, s = reference_edges(pre, post, size)
+    assert list(zip(edges["pre_id"].tolist(), edges["post_id"].tolist())) == keys
+    assert edges["n_synapses"].tolist() == n and edges["total_size"].tolist() == s
+    for c in whole:
+        assert np.array_equal(edges[c], whole[c]) and edges[c].dtype == whole[c].dtype, c
+    assert counts["synapses"] == pre.size and counts["unassigned"] == int(np.sum((pre == 0) | (post == 0)))
+    # the same with the neuron list given (root ids: no extra pass to find them)
+    edges2, _ = wg.aggregate_synapse_file(path, ids=ids, threads=threads)
+    assert all(np.array_equal(edges2[c], whole[c]) for c in whole)
+
+
+def test_min_score_and_degrees_of_the_stream(tmp_path, monkeypatch):
+    import workflows.graph as wg
+    from connectome.graph import with_degrees
+
+    monkeypatch.setattr(agg, "BUCKET", 500)
+    monkeypatch.setattr(agg, "GROUP", 1500)  # a few buckets a task
+    rng = np.random.default_rng(12)
+    pre, post, size, ids = random_synapses(rng, 20000)
+    score = rng.uniform(0, 100, pre.size).astype(np.float32)
+    score[::97] = np.nan  # a missing score never passes
+    path = synapse_file(tmp_path / "s.parquet", pre, post, size, score)
+    acc, counts = wg.accumulate_synapse_file(path, min_score=40.0, threads=2, batch_rows=512)
+    chunks = list(acc.iter_result(lookahead=3))
+    assert len(chunks) > 5  # pieces, in order
+    e = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    kept = score >= 40.0
+    keys, n, s = reference_edges(pre[kept], post[kept], size[kept])
+    assert list(zip(e["pre_id"].tolist(), e["post_id"].tolist())) == keys and e["total_size"].tolist() == s
+    assert counts["below_score"] == int(np.sum(~kept))
+    neurons = pa.table({"neuron_id": np.arange(0, 100, dtype=np.uint64)})  # more neurons than the edges name
+    want = with_degrees(neurons, e["pre_id"], e["post_id"], e["n_synapses"])
+    got = acc.degrees_for(neurons.column("neuron_id").to_numpy())
+    for c, v in got.items():
+        assert np.array_equal(v, want.column(c).to_numpy()), c
+    assert np.array_equal(acc.edge_neurons(), np.unique(np.concatenate([e["pre_id"], e["post_id"]])))
+    with pytest.raises(InputError, match="edges name neuron 7, which the neuron table does not list"):
+        acc.degrees_for(np.setdiff1d(np.arange(1, 80, dtype=np.uint64), [7]))
+
+
+def test_accumulator_concurrent_adds_and_a_second_arena():
+    import threading
+
+    rng = np.random.default_rng(13)
+    pre, post, size, _ = random_synapses(rng, 200000, n_ids=300)
+    acc = agg.EdgeAccumulator(1000, 300, 3000, threads=2)  # far too few rows announced: more arenas
+    parts = np.array_split(np.arange(pre.size), 16)
+    threads = [threading.Thread(target=lambda ix=ix: acc.add(pre[ix], post[ix], size[ix], threads=1)) for ix in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert acc.n == pre.size and len(acc._segments) > 1
+    e = acc.result()
+    keys, n, s = reference_edges(pre, post, size)
+    assert list(zip(e["pre_id"].tolist(), e["post_id"].tolist())) == keys
+    assert e["n_synapses"].tolist() == n and e["total_size"].tolist() == s
+
+
+def test_accumulator_rejects_what_does_not_fit_the_word():
+    acc = agg.EdgeAccumulator(10, 50, 100)
+    with pytest.raises(InputError, match="exceeds the announced maximum 50"):
+        acc.add(np.array([3, 51]), np.array([1, 2]), np.array([1, 1]))
+    with pytest.raises(InputError, match="synapse size 300 exceeds the announced maximum 127"):
+        acc.add(np.array([3, 5]), np.array([1, 2]), np.array([1, 300]))
+    with pytest.raises(InputError, match="keep must be a boolean mask"):
+        acc.add(np.array([3]), np.array([1]), keep=np.array([1]))
+
+
+def test_unique_ids_of_a_stream():
+    from connectome.graph._ids import unique_ids
+
+    rng = np.random.default_rng(14)
+    chunks = [rng.integers(0, 2**63, 3000, dtype=np.int64), rng.integers(0, 40, 50000).astype(np.uint32),
+              np.zeros(5, np.uint64), np.array([], np.uint64)]
+    want = np.unique(np.concatenate([c.astype(np.uint64) for c in chunks]))
+    assert np.array_equal(unique_ids(chunks), want[want != 0])
+    with pytest.raises(InputError, match="non-negative"):
+        unique_ids([np.array([3, -1])])
+
+
+def test_build_edges_streams_an_exact_delta_encoded_table(tmp_path, monkeypatch):
+    import duckdb
+    import pyarrow.parquet as pq
+
+    import workflows.graph as wg
+    from connectome.io import Dataset
+
+    monkeypatch.setattr(agg, "BUCKET", 300)
+    monkeypatch.setattr(agg, "GROUP", 900)
+    monkeypatch.setattr(wg.st, "ROW_GROUP", 1000)  # several row groups, written while later buckets sort
+    rng = np.random.default_rng(15)
+    for roots in (False, True):
+        pre, post, size, ids = random_synapses(rng, 25000, roots=roots)
+        ds = Dataset.create(tmp_path / f"s{int(roots)}.zarr")
+        synapse_file(ds.table_path("em/synapses"), pre, post, size)
+        report = wg.build_edges(ds)
+        keys, n, s = reference_edges(pre, post, size)
+        e = ds.read_table("graph/edges")
+        assert list(zip(e.column("pre_id").to_pylist(), e.column("post_id").to_pylist())) == keys
+        assert e.column("n_synapses").to_pylist() == n and e.column("total_size").to_pylist() == s
+        meta = pq.ParquetFile(ds.table_path("graph/edges")).metadata
+        assert meta.num_row_groups > 3 and "DELTA_BINARY_PACKED" in meta.row_group(0).column(0).encodings
+        got = duckdb.connect().execute(
+            f"SELECT sum(n_synapses) FROM read_parquet('{ds.table_path('graph/edges')}')").fetchone()
+        assert got[0] == report["used"] == int(np.sum((pre != 0) & (post != 0)))
+        neurons = ds.read_table("graph/neurons")  # no table before: the neurons the edges name
+        assert np.array_equal(neurons.column("neuron_id").to_numpy(), np.unique(np.concatenate(keys)))
+        w = collections.Counter()
+        for (a, _), k in zip(keys, n):
+            w[a] += k
+        assert dict(zip(neurons.column("neuron_id").to_pylist(), neurons.column("n_outputs").to_pylist())) == \
+            {i: w.get(i, 0) for i in neurons.column("neuron_id").to_pylist()}
+        assert not list(ds.table_path("graph/edges").parent.glob("*.tmp-*"))
+
+
+def test_build_edges_with_a_neuron_table_that_misses_a_neuron_writes_nothing(tmp_path):
+    import workflows.graph as wg
+    from connectome.graph import _store as st
+    from connectome.io import Dataset
+
+    rng = np.random.default_rng(16)
+    pre, post, size, ids = random_synapses(rng, 5000)
+    ds = Dataset.create(tmp_path / "s.zarr")
+    synapse_file(ds.table_path("em/synapses"), pre, post, size)
+    st.write_table(ds, st.NEURONS, pa.table({"neuron_id": np.setdiff1d(ids, [int(pre[pre > 0][0])])}))
+    with pytest.raises(StoreError, match="disagree") as info:
+        wg.build_edges(ds)
+    assert "\n" not in str(info.value)
+    assert not ds.has_table("graph/edges")
+    assert not list(ds.table_path("graph/edges").parent.glob("*.tmp-*"))
+    st.write_table(ds, st.NEURONS, pa.table({"neuron_id": ids}))  # the full table: counts for every neuron
+    wg.build_edges(ds)
+    neurons = ds.read_table("graph/neurons")
+    assert neurons.num_rows == ids.size and int(np.sum(neurons.column("n_inputs").to_numpy())) == \
+        int(np.sum((pre != 0) & (post != 0)))

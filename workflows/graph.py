@@ -26,12 +26,17 @@ interrupted run never leaves a table that looks finished.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import hashlib
 import json
 import math
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
@@ -55,6 +60,9 @@ from connectome.graph import (
     with_degrees,
 )
 from connectome.graph import _store as st
+from connectome.graph._aggregate import EDGE_COLUMNS
+from connectome.graph._ids import unique_ids
+from connectome.graph._imports import set_degrees
 from connectome.graph._points import SYNAPSE_COLUMNS, check_inside
 from connectome.io import Dataset
 from workflows.blockwise import Block, block_grid
@@ -333,70 +341,212 @@ def _column_max(pf: pq.ParquetFile, name: str) -> int | None:
     return best
 
 
-def aggregate_synapse_file(path, *, ids=None, min_score: float | None = None, threads: int | None = None,
-                           batch_rows: int = 1 << 22) -> tuple[dict, dict]:
-    """Edges of a synapse Parquet file, streamed by row groups (8 bytes held per synapse).
-
-    Returns the edges (see :func:`connectome.graph.aggregate_edges`) and
-    counts: ``synapses`` (read), ``used``, ``unassigned``, ``below_score``, ``has_size``.
-    """
-    pf = pq.ParquetFile(path)
+def _synapse_columns(path, pf: pq.ParquetFile, min_score):
+    """Columns to read, whether sizes are present, and the largest id and size (from statistics)."""
     names = pf.schema_arrow.names
     for c in ("pre_id", "post_id"):
         if c not in names:
             raise StoreError(f"{path}: malformed synapse table, no column {c}")
-    n = pf.metadata.num_rows
     has_size = "size" in names and any(
         pf.metadata.row_group(g).column(names.index("size")).statistics is None
         or pf.metadata.row_group(g).column(names.index("size")).statistics.null_count < pf.metadata.row_group(g).num_rows
         for g in range(pf.metadata.num_row_groups))
-    columns = ["pre_id", "post_id"] + (["size"] if has_size else []) + (["score"] if min_score is not None else [])
     if min_score is not None and "score" not in names:
         raise InputError(f"{path}: a minimum score was asked for but the synapse table has no score column")
+    columns = ["pre_id", "post_id"] + (["size"] if has_size else []) + (["score"] if min_score is not None else [])
     max_id = max(_column_max(pf, "pre_id") or -1, _column_max(pf, "post_id") or -1)
     max_size = _column_max(pf, "size") if has_size else 0
     if max_id < 0 or max_size is None:  # no statistics: one extra pass over the id/size columns
         t = pf.read(columns=columns)
         max_id = max(int(pc.max(t.column("pre_id")).as_py() or 0), int(pc.max(t.column("post_id")).as_py() or 0))
         max_size = int(pc.max(t.column("size")).as_py() or 0) if has_size else 0
-    if ids is None and 2 * max(1, max_id.bit_length()) + max(0, int(max_size).bit_length()) > 64:
-        t = pf.read(columns=["pre_id", "post_id"])
-        both = np.concatenate([t.column("pre_id").to_numpy(), t.column("post_id").to_numpy()]).astype(np.uint64)
-        ids = np.unique(both[both != 0])
-    acc = EdgeAccumulator(n, max_id, int(max_size or 0), ids=ids, threads=threads)
-    below = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+    return columns, has_size, max_id, int(max_size or 0)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Python's cyclic GC paused: the ingest makes many short-lived objects and no cycles, and a full
+    collection over a large heap (Numba, Arrow) would otherwise cost several percent of it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _read_row_groups(path, groups, columns, batch_rows, consume, stop) -> None:
+    """Hand ``consume`` every record batch of some row groups of a Parquet file (one reader per thread)."""
+    pf = pq.ParquetFile(path)  # not memory-mapped: as fast here, and the file's pages do not count as ours
+    for g in groups:
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns, use_threads=False):
+            if stop.is_set():
+                return
+            consume(batch)
+
+
+def accumulate_synapse_file(path, *, ids=None, min_score: float | None = None, threads: int | None = None,
+                            batch_rows: int = 1 << 20) -> tuple[EdgeAccumulator, dict]:
+    """Stream a synapse Parquet file into an :class:`~connectome.graph.EdgeAccumulator`.
+
+    Row groups are read, decoded and packed on ``threads`` threads at once
+    (each with its own reader; decoding and packing release the GIL), so
+    the columns are never held whole: 8 bytes a synapse, plus one batch
+    of ``batch_rows`` rows per thread.
+
+    Returns
+    -------
+    (EdgeAccumulator, dict)
+        The accumulator, ready for :meth:`~connectome.graph.EdgeAccumulator.iter_result`,
+        and counts: ``synapses`` (read), ``below_score``, ``has_size``.
+    """
+    pf = pq.ParquetFile(path)
+    columns, has_size, max_id, max_size = _synapse_columns(path, pf, min_score)
+    n = pf.metadata.num_rows
+    if ids is None and 2 * max(1, max_id.bit_length()) + max(0, max_size.bit_length()) > 64:
+        ids = unique_ids(_iter_id_columns(path, pf.metadata.num_row_groups))
+    threads = max(1, threads or os.cpu_count() or 1)
+    acc = EdgeAccumulator(n, max_id, max_size, ids=ids, threads=threads)
+    below = [0] * threads
+    stop = threading.Event()
+
+    def consume(batch, j):
         pre = batch.column("pre_id")
         post = batch.column("post_id")
         if pre.null_count or post.null_count:
             raise StoreError(f"{path}: pre_id/post_id have empty values")
-        pre, post = pre.to_numpy(), post.to_numpy()
         size = None
         if has_size:
             col = batch.column("size")
             size = (col.fill_null(0) if col.null_count else col).to_numpy()
+        keep = None
         if min_score is not None:
-            score = batch.column("score").fill_null(-np.inf).to_numpy()
-            keep = score >= min_score
-            below += int(keep.size - np.count_nonzero(keep))
-            pre, post = pre[keep], post[keep]
-            size = size[keep] if size is not None else None
-        acc.add(pre, post, size)
-    edges = acc.result()
-    return edges, {"synapses": n, "used": acc.n - acc.unassigned, "unassigned": acc.unassigned,
-                   "below_score": below, "has_size": bool(has_size)}
+            col = batch.column("score")
+            keep = pc.greater_equal(col, pa.scalar(min_score, col.type) if pa.types.is_floating(col.type)
+                                    else pa.scalar(float(min_score)))
+            keep = (keep.fill_null(False) if keep.null_count else keep).to_numpy(zero_copy_only=False)
+            below[j] += int(keep.size - np.count_nonzero(keep))
+        acc.add(pre.to_numpy(), post.to_numpy(), size, keep=keep, threads=1)
+
+    groups = list(range(pf.metadata.num_row_groups))
+    workers = max(1, min(threads, len(groups)))
+    if workers == 1:
+        _read_row_groups(path, groups, columns, batch_rows, lambda b: consume(b, 0), stop)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(_read_row_groups, path, groups[j::workers], columns, batch_rows,
+                                functools.partial(consume, j=j), stop) for j in range(workers)]
+            try:
+                for job in jobs:
+                    job.result()
+            finally:
+                stop.set()
+    return acc, {"synapses": n, "below_score": sum(below), "has_size": bool(has_size)}
+
+
+def _iter_id_columns(path, n_groups: int):
+    """pre_id and post_id of a synapse file, row group by row group (for :func:`unique_ids`)."""
+    pf = pq.ParquetFile(path)
+    for g in range(n_groups):
+        t = pf.read_row_group(g, columns=["pre_id", "post_id"])
+        for c in ("pre_id", "post_id"):
+            col = t.column(c)
+            if col.null_count:
+                raise StoreError(f"{path}: pre_id/post_id have empty values")
+            yield col.to_numpy()
+
+
+def aggregate_synapse_file(path, *, ids=None, min_score: float | None = None, threads: int | None = None,
+                           batch_rows: int = 1 << 20) -> tuple[dict, dict]:
+    """Edges of a synapse Parquet file, streamed by row groups (8 bytes held per synapse).
+
+    Returns the edges (see :func:`connectome.graph.aggregate_edges`) and
+    counts: ``synapses`` (read), ``used``, ``unassigned``, ``below_score``, ``has_size``.
+    """
+    with _no_gc():
+        acc, counts = accumulate_synapse_file(path, ids=ids, min_score=min_score, threads=threads,
+                                              batch_rows=batch_rows)
+        edges = acc.result()
+    return edges, {"synapses": counts["synapses"], "used": acc.n - acc.unassigned, "unassigned": acc.unassigned,
+                   "below_score": counts["below_score"], "has_size": counts["has_size"]}
+
+
+#: How ``graph/edges.parquet`` is encoded: sorted ids and small counts delta-encode to a few bits a
+#: value, which writes and reads several times faster than a general-purpose codec at about its size.
+EDGE_ENCODING = {c: "DELTA_BINARY_PACKED" for c in st.EDGE_SCHEMA.names}
+
+
+class _EdgeWriter:
+    """Write sorted edge pieces to ``graph/edges.parquet`` as they come, atomically (rename at the end)."""
+
+    def __init__(self, ds: Dataset, has_size: bool, keep: bool):
+        self.path = ds.table_path(st.EDGES)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+        self.has_size = has_size
+        self.keep = keep  # also keep the pieces in memory (for the neuron counts, when the kernel did not)
+        self.kept: list = []
+        self.pending: list = []
+        self.rows = 0
+        self.edges = 0
+        schema = st.EDGE_SCHEMA
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="none", use_dictionary=False,
+                                       column_encoding=EDGE_ENCODING,
+                                       sorting_columns=[pq.SortingColumn(0), pq.SortingColumn(1)])
+
+    def add(self, chunk: dict) -> None:
+        self.pending.append(chunk)
+        self.rows += len(chunk["pre_id"])
+        self.edges += len(chunk["pre_id"])
+        if self.keep:
+            self.kept.append(chunk)
+        if self.rows >= st.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        cols = {k: np.concatenate([c[k] for c in self.pending]) if len(self.pending) > 1 else self.pending[0][k]
+                for k in EDGE_COLUMNS}
+        self.pending, self.rows = [], 0
+        self.writer.write_table(st.edges_table(cols, has_size=self.has_size), row_group_size=1 << 30)
+
+    def commit(self) -> None:
+        self._flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+    def all_edges(self) -> dict:
+        if not self.kept:
+            return {k: np.zeros(0, np.uint64 if k.endswith("_id") else np.int64) for k in EDGE_COLUMNS}
+        return {k: np.concatenate([c[k] for c in self.kept]) for k in EDGE_COLUMNS}
 
 
 def build_edges(ds: Dataset, *, min_score: float | None = None, threads: int | None = None,
                 overwrite: bool = False) -> dict:
     """Write ``graph/edges.parquet`` from ``em/synapses.parquet`` and the neurons' synapse counts.
 
+    One pass over the synapse file, streamed: row groups are decoded and
+    packed on all threads at once (:func:`accumulate_synapse_file`), then
+    the radix buckets are sorted on the thread pool while this thread
+    writes the finished ones, in order, to ``graph/edges.parquet``
+    (delta-encoded, :data:`EDGE_ENCODING`); the neurons' synapse and
+    partner counts come out of the same reduction.
+
     Parameters
     ----------
     min_score : float, optional
         Leave out synapses scored below this (e.g. FlyWire's cleft score 50).
     threads : int, optional
-        Sorting threads (default: CPU count, at most 4).
+        Reading, packing and sorting threads (default: the CPU count).
 
     Returns
     -------
@@ -417,19 +567,41 @@ def build_edges(ds: Dataset, *, min_score: float | None = None, threads: int | N
     ds.provenance.begin(stage, parameters=params)
     neurons = st.read_store_table(ds, st.NEURONS, st.NEURON_REQUIRED, optional=True)
     ids = st.id_column(neurons, "neuron_id", "graph/neurons.parquet") if neurons is not None else None
-    edges, counts = aggregate_synapse_file(path, ids=ids, min_score=min_score, threads=threads)
-    if neurons is None:
-        both = np.unique(np.concatenate([edges["pre_id"], edges["post_id"]]))
-        neurons = pa.table({"neuron_id": pa.array(both.astype(np.uint64))})
+    with _no_gc():
+        acc, counts = accumulate_synapse_file(path, ids=ids, min_score=min_score, threads=threads)
+        writer = _EdgeWriter(ds, counts["has_size"], keep=not acc.keeps_degrees)
+        try:
+            for chunk in acc.iter_result():
+                writer.add(chunk)
+            writer._flush()
+        except BaseException:
+            writer.abort()
+            raise
     try:
-        neurons = with_degrees(neurons, edges["pre_id"], edges["post_id"], edges["n_synapses"])
-    except StoreError as e:
-        raise StoreError(f"{ds.path}: em/synapses.parquet and graph/neurons.parquet disagree ({e}); "
-                         "re-run the graph stage with --overwrite graph") from None
-    st.write_table(ds, st.EDGES, st.edges_table(edges, has_size=counts["has_size"]), sorting=["pre_id", "post_id"],
-                   dictionary=False)
+        if neurons is None:
+            if writer.keep:
+                e = writer.all_edges()
+                both = np.unique(np.concatenate([e["pre_id"], e["post_id"]]))
+            else:
+                both = acc.edge_neurons()
+            neurons = pa.table({"neuron_id": pa.array(both.astype(np.uint64))})
+        try:
+            degrees = acc.degrees_for(neurons.column("neuron_id").to_numpy())
+            if degrees is None:
+                e = writer.all_edges()
+                neurons = with_degrees(neurons, e["pre_id"], e["post_id"], e["n_synapses"])
+            else:
+                neurons = set_degrees(neurons, degrees)
+        except (InputError, StoreError) as e:
+            raise StoreError(f"{ds.path}: em/synapses.parquet and graph/neurons.parquet disagree ({e}); "
+                             "re-run the graph stage with --overwrite graph") from None
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
     st.write_table(ds, st.NEURONS, neurons, sorting=["neuron_id"])
-    report = {"edges": int(len(edges["pre_id"])), **{k: v for k, v in counts.items() if k != "has_size"}}
+    report = {"edges": int(writer.edges), "synapses": counts["synapses"], "used": acc.n - acc.unassigned,
+              "unassigned": acc.unassigned, "below_score": counts["below_score"]}
     ds.provenance.end(stage, **report, seconds=round(time.perf_counter() - t0, 3))
     return report | {"seconds": time.perf_counter() - t0}
 

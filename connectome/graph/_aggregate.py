@@ -9,15 +9,23 @@ the run length and ``total_size`` the sum of the low bits over the run.
 
 On the CPU (Numba, compiled code that releases the GIL):
 
-* :meth:`EdgeAccumulator.add` packs the words and scatters them into
-  buckets by the top bits of the pre id (a counting sort: one histogram
-  pass over ``pre``, one pack-and-scatter pass), split over threads;
-* :meth:`EdgeAccumulator.result` gathers each bucket (about
-  :data:`BUCKET` words, so it stays in cache), sorts it by an LSD radix
-  sort on the id bits only (the size bits are summed, not sorted; passes
-  whose digit is constant are skipped) and reduces the runs in the same
-  compiled call, one bucket per task on a thread pool. The buckets, in
-  pre-id order, concatenate into the sorted result.
+* :meth:`EdgeAccumulator.add` packs the words of a chunk and scatters them
+  into buckets by the top bits of the pre id (a counting sort: one
+  histogram loop and one pack-and-scatter loop in a single compiled call).
+  Chunks go to consecutive places of one arena (8 bytes a synapse,
+  allocated once, its pages touched only as they fill), and ``add`` may be
+  called from several threads at once: a file is read and packed by row
+  groups in parallel (:func:`workflows.graph.aggregate_synapse_file`).
+* :meth:`EdgeAccumulator.iter_result` takes the buckets in pre-id order,
+  one per task on a thread pool: a compiled call gathers the bucket's words
+  from every chunk (about :data:`BUCKET` words, so it stays in cache) while
+  counting all radix digits at once, sorts it by an LSD radix sort on the
+  id bits only (the size bits are summed, not sorted; digits that are
+  constant are skipped), reduces the runs to edges, maps dense indices back
+  to ids and adds each edge to the neurons' synapse and partner counts
+  (:meth:`EdgeAccumulator.degrees_for`). Buffers are reused per thread.
+  The buckets, in pre-id order, are the sorted edges, so a writer can
+  stream them out while later buckets sort.
 
 On the GPU (CuPy) all words are one array sorted by CuPy's radix sort and
 reduced with a cumulative sum.
@@ -33,6 +41,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,8 +53,12 @@ from connectome.graph._ids import IdIndex
 
 EDGE_COLUMNS = ("pre_id", "post_id", "n_synapses", "total_size")
 PIECE = 1 << 19  # smallest share of one add() a thread packs on its own
-BUCKET = 1 << 17  # aim of the radix partition: words per bucket
-RADIX_BITS = 11  # digit of one LSD pass (a 2048-entry histogram stays in L1)
+BUCKET = 1 << 14  # aim of the radix partition: words per bucket
+RADIX_BITS = 12  # widest digit of one LSD pass (a 4096-entry histogram stays in L1)
+GROUP = 1 << 20  # words sorted by one task (a run of buckets): its edges are one piece of the result
+DEGREE_SPACE = 1 << 22  # largest id space for the neurons' counts kept during the reduction
+_CODE_SIZE, _CODE_ID = 1, 2  # problems the partition kernel reports
+_PARTNER_SHIFT = 40  # a neuron's count word: synapses in the low 40 bits, partners above
 
 
 @functools.cache
@@ -53,92 +67,126 @@ def _kernels():
     import numba
 
     @numba.njit(nogil=True, cache=True)
-    def histogram(pre, top_shift, n_buckets, counts):  # pragma: no cover - compiled
-        if n_buckets == 1:
-            counts[1] += pre.shape[0]
-            return
+    def partition(pre, post, size, has_size, keep, has_keep, id_limit, id_bits, size_bits, top_shift, n_buckets,
+                  out, base, starts):  # pragma: no cover - compiled
+        """Pack the kept synapses into ``out[base:]`` grouped by bucket; bucket ``b`` ends up in
+        ``out[starts[b]:starts[b + 1]]`` (absolute positions). Returns (kept, largest size, problem)."""
+        m = pre.shape[0]
+        limit = np.uint64(id_limit)
         sh = np.uint64(top_shift)
-        for i in range(pre.shape[0]):
-            counts[np.int64(np.uint64(pre[i]) >> sh) + 1] += 1
-
-    @numba.njit(nogil=True, cache=True)
-    def pack_scatter(pre, post, size, has_size, shift_pre, shift_post, top_shift, n_buckets, pos, out):
-        # pos: start of each bucket in out (advanced in place); returns the largest size seen
-        sp = np.uint64(shift_pre)
-        sq = np.uint64(shift_post)
-        sh = np.uint64(top_shift)
-        biggest = np.uint64(0)
-        for i in range(pre.shape[0]):
+        counts = np.zeros(n_buckets + 1, np.int64)
+        for i in range(m):
+            if has_keep and not keep[i]:
+                continue
+            p = np.uint64(pre[i])
+            if p >= limit or np.uint64(post[i]) >= limit:
+                return 0, 0, _CODE_ID
+            counts[np.int64(p >> sh) + 1] += 1
+        starts[0] = base
+        for b in range(n_buckets):
+            starts[b + 1] = starts[b] + counts[b + 1]
+        pos = starts[:-1].copy()
+        sp = np.uint64(id_bits + size_bits)
+        sq = np.uint64(size_bits)
+        biggest = np.int64(0)
+        for i in range(m):
+            if has_keep and not keep[i]:
+                continue
             p = np.uint64(pre[i])
             w = (p << sp) | (np.uint64(post[i]) << sq)
             if has_size:
-                s = np.uint64(size[i])
+                s = np.int64(size[i])
+                if s < 0:
+                    return 0, s, _CODE_SIZE
                 if s > biggest:
                     biggest = s
-                w |= s
-            b = np.int64(p >> sh) if n_buckets > 1 else 0
+                w |= np.uint64(s)
+            b = np.int64(p >> sh)
             out[pos[b]] = w
             pos[b] += 1
-        return biggest
+        return starts[n_buckets] - base, biggest, 0
 
     @numba.njit(nogil=True, cache=True)
-    def sort_reduce(keys, tmp, lo_bit, n_bits, radix_bits, size_bits):  # pragma: no cover - compiled
-        n = keys.shape[0]
-        src = keys
-        dst = tmp
-        if n_bits > 0:
-            n_pass = (n_bits + radix_bits - 1) // radix_bits
-            width = (n_bits + n_pass - 1) // n_pass
-            count = np.empty(1 << width, np.int64)
-            shift = lo_bit
-            left = n_bits
-            while left > 0:
-                bits = min(width, left)
-                mask = np.uint64((1 << bits) - 1)
-                sh = np.uint64(shift)
-                count[:] = 0
-                for i in range(n):
-                    count[np.int64((src[i] >> sh) & mask)] += 1
-                constant = False
-                for d in range(1 << bits):
-                    if count[d] == n:
-                        constant = True
-                        break
-                if not constant:
-                    total = 0
-                    for d in range(1 << bits):
-                        c = count[d]
-                        count[d] = total
-                        total += c
-                    for i in range(n):
-                        w = src[i]
-                        d = np.int64((w >> sh) & mask)
-                        dst[count[d]] = w
-                        count[d] += 1
-                    src, dst = dst, src
-                shift += bits
-                left -= bits
-        hi = np.empty(n, np.uint64)
-        counts = np.empty(n, np.int64)
-        sums = np.empty(n, np.int64)
+    def sort_buckets(arena, starts, b0, b1, keys, tmp, size_bits, n_bits, radix_bits, id_bits, idmap, has_map,
+                     deg, deg_in, has_deg, out_pre, out_post, out_cnt, out_sum):  # pragma: no cover - compiled
+        """For each bucket ``b0 … b1 - 1``: gather it from every chunk (``starts``: one row per chunk)
+        while counting its radix digits, sort it on ``n_bits`` key bits above ``size_bits``, and reduce
+        the runs into ``out_*`` after the edges of the buckets before. Returns (edges, unassigned).
+        (One function: Numba's cache misses every time on a call to another jitted closure.)"""
+        n_pass = (n_bits + radix_bits - 1) // radix_bits if n_bits > 0 else 0
+        width = (n_bits + n_pass - 1) // n_pass if n_pass > 0 else 1
+        mask = np.uint64((1 << width) - 1)
+        hist = np.zeros((max(n_pass, 1), 1 << width), np.int64)
         ss = np.uint64(size_bits)
         low = np.uint64((1 << size_bits) - 1)
-        k = -1
-        prev = np.uint64(0)
-        for i in range(n):
-            w = src[i]
-            h = w >> ss
-            if k < 0 or h != prev:
+        ib = np.uint64(id_bits)
+        idm = np.uint64((1 << id_bits) - 1)
+        k = 0
+        unassigned = 0
+        for b in range(b0, b1):
+            hist[:] = 0
+            m = 0
+            for r in range(starts.shape[0]):
+                for i in range(starts[r, b], starts[r, b + 1]):
+                    w = arena[i]
+                    keys[m] = w
+                    m += 1
+                    for d in range(n_pass):
+                        hist[d, np.int64((w >> np.uint64(size_bits + d * width)) & mask)] += 1
+            src = keys
+            dst = tmp
+            for d in range(n_pass):
+                h = hist[d]
+                constant = False
+                for x in range(1 << width):
+                    if h[x] == m:
+                        constant = True
+                        break
+                if constant:
+                    continue
+                total = 0
+                for x in range(1 << width):
+                    c = h[x]
+                    h[x] = total
+                    total += c
+                sh = np.uint64(size_bits + d * width)
+                for i in range(m):
+                    w = src[i]
+                    x = np.int64((w >> sh) & mask)
+                    dst[h[x]] = w
+                    h[x] += 1
+                src, dst = dst, src
+            first = k
+            i = 0
+            while i < m:
+                h0 = src[i] >> ss
+                c = 0
+                s = 0
+                while i < m and (src[i] >> ss) == h0:
+                    s += np.int64(src[i] & low)
+                    c += 1
+                    i += 1
+                p = h0 >> ib
+                q = h0 & idm
+                if p == 0 or q == 0:
+                    unassigned += c
+                    continue
+                out_pre[k] = p
+                out_post[k] = q
+                out_cnt[k] = c
+                out_sum[k] = s
                 k += 1
-                hi[k] = h
-                counts[k] = 0
-                sums[k] = 0
-                prev = h
-            counts[k] += 1
-            sums[k] += np.int64(w & low)
-        return hi[:k + 1].copy(), counts[:k + 1].copy(), sums[:k + 1].copy()
+            if has_deg:  # loops of their own: the reduction above stays tight
+                for j in range(first, k):
+                    deg[np.int64(out_pre[j])] += out_cnt[j] + (1 << _PARTNER_SHIFT)
+                    deg_in[np.int64(out_post[j])] += out_cnt[j] + (1 << _PARTNER_SHIFT)
+            if has_map:
+                for j in range(first, k):
+                    out_pre[j] = idmap[np.int64(out_pre[j])]
+                    out_post[j] = idmap[np.int64(out_post[j])]
+        return k, unassigned
 
-    return histogram, pack_scatter, sort_reduce
+    return partition, sort_buckets
 
 
 def _bits(value: int) -> int:
@@ -170,8 +218,9 @@ class EdgeAccumulator:
     Parameters
     ----------
     n_rows : int
-        About how many synapses will be added (sizes the radix partition;
-        memory is 8 bytes a synapse on the fast path).
+        About how many synapses will be added (sizes the radix partition
+        and the arena of packed words: 8 bytes a synapse on the fast path;
+        more may be added, at the cost of another arena).
     max_id : int
         Largest neuron id that will be added.
     max_size : int
@@ -190,6 +239,11 @@ class EdgeAccumulator:
         Synapses added.
     unassigned : int
         Synapses left out because a side has id 0 (known after :meth:`result`).
+
+    Notes
+    -----
+    :meth:`add` may be called from several threads at once (each call
+    packs its chunk on the calling thread when ``threads=1`` is passed).
     """
 
     def __init__(self, n_rows: int, max_id: int, max_size: int = 0, *, ids=None, threads: int | None = None, xp=np):
@@ -206,10 +260,11 @@ class EdgeAccumulator:
             self.index = IdIndex(self.ids)
             id_bits = _bits(len(self.ids) - 1)
         self.id_bits = id_bits
+        self.max_index = len(self.ids) - 1 if self.index is not None else max(0, int(max_id))
         self.packed = 2 * id_bits + self.size_bits <= 64
         self.n = 0
         self.unassigned = 0
-        n_rows = int(n_rows)
+        n_rows = max(0, int(n_rows))
         self.n_rows = n_rows
         self.threads = max(1, threads or os.cpu_count() or 1)
         k = 0
@@ -217,14 +272,28 @@ class EdgeAccumulator:
             k = min(12, self.id_bits, max(0, int(np.ceil(np.log2(max(n_rows, 1) / BUCKET)))))
         self.bucket_bits = k
         self.top_shift = self.id_bits - k  # pre >> top_shift = bucket
-        self.pieces: list = []  # CPU: (words grouped by bucket, bucket starts)
+        self._lock = threading.Lock()
+        self._segments: list = []  # CPU: arenas of packed words, [array, used]
+        self._pieces: list = []  # CPU: (segment, bucket starts) of each chunk
         self.words: list = []  # GPU: packed words
+        self._degrees = None
         if not self.packed:  # sizes too large for the packed word: keep columns
             self.parts: list = []
 
     # ------------------------------------------------------------------ adding
-    def add(self, pre, post, size=None) -> None:
-        """Add a chunk of synapses (``pre``/``post`` neuron ids, ``size``)."""
+    def add(self, pre, post, size=None, *, keep=None, threads: int | None = None) -> None:
+        """Add a chunk of synapses (``pre``/``post`` neuron ids, ``size``).
+
+        Parameters
+        ----------
+        pre, post : (m,) integer arrays
+        size : (m,) integer array, optional
+        keep : (m,) bool array, optional
+            Add only these synapses (e.g. a score threshold), without a copy.
+        threads : int, optional
+            Threads packing this chunk (default: the accumulator's); pass 1
+            when several threads call :meth:`add` at once.
+        """
         xp = self.xp
         pre = _as_uint64(pre, xp, "pre_id")
         post = _as_uint64(post, xp, "post_id")
@@ -235,20 +304,34 @@ class EdgeAccumulator:
             size = _as_uint64(size, xp, "size")
             if size.shape[0] != m:
                 raise InputError(f"size has {size.shape[0]} values for {m} synapses")
+        if keep is not None:
+            keep = xp.asarray(keep)
+            if keep.dtype != bool or keep.shape != (m,):
+                raise InputError(f"keep must be a boolean mask of {m} values, got {keep.dtype} of shape {keep.shape}")
+            if xp is not np or not self.packed or self.index is not None:  # filter first: no look-up of ids left out
+                pre, post = pre[keep], post[keep]
+                size = size[keep] if size is not None else None
+                m = int(pre.shape[0])
+                keep = None
+        threads = self.threads if threads is None else max(1, int(threads))
         if self.index is not None:
-            pre, post = self._dense(pre), self._dense(post)
+            pre, post = self._dense(pre, threads), self._dense(post, threads)
         if not self.packed:
-            self.parts.append((to_numpy(pre).astype(np.uint64), to_numpy(post).astype(np.uint64),
-                               np.zeros(m, np.int64) if size is None else to_numpy(size).astype(np.int64)))
-            self.n += m
+            part = (to_numpy(pre).astype(np.uint64), to_numpy(post).astype(np.uint64),
+                    np.zeros(m, np.int64) if size is None else to_numpy(size).astype(np.int64))
+            with self._lock:
+                self.parts.append(part)
+                self.n += m
             return
         if m == 0:
             return
         if xp is np:
-            self._add_cpu(pre, post, size)
+            kept = self._add_cpu(pre, post, size, keep, threads)
         else:
             self._add_gpu(pre, post, size)
-        self.n += m
+            kept = m
+        with self._lock:
+            self.n += kept
 
     def _check_size(self, biggest: int) -> None:
         limit = 1 << self.size_bits
@@ -257,35 +340,56 @@ class EdgeAccumulator:
                 raise InputError("synapse sizes were announced as absent (max_size=0) but some are positive")
             raise InputError(f"synapse size {biggest} exceeds the announced maximum {limit - 1}")
 
-    def _add_cpu(self, pre, post, size) -> None:
-        histogram, pack_scatter, _ = _kernels()
+    def _reserve(self, m: int):
+        """A segment and the first place of ``m`` free words in it (thread-safe)."""
+        with self._lock:
+            if self._segments and self._segments[-1][1] + m <= self._segments[-1][0].shape[0]:
+                seg = self._segments[-1]
+            else:  # a new arena: what is still expected, at least this chunk (pages are touched as they fill)
+                used = sum(s[1] for s in self._segments)
+                seg = [np.empty(max(m, self.n_rows - used, 1 << 16), np.uint64), 0]
+                self._segments.append(seg)
+            base = seg[1]
+            seg[1] += m
+            return seg, base
+
+    def _add_cpu(self, pre, post, size, keep, threads) -> int:
+        partition, _ = _kernels()
         pre = np.ascontiguousarray(pre)
         post = np.ascontiguousarray(post)
         has_size = size is not None
-        size = np.ascontiguousarray(size) if has_size else np.zeros(1, np.uint64)
+        size = np.ascontiguousarray(size) if has_size else np.zeros(1, np.int64)
+        has_keep = keep is not None
+        keep = np.ascontiguousarray(keep) if has_keep else np.zeros(1, bool)
         nb = 1 << self.bucket_bits
         m = pre.shape[0]
-        parts = max(1, min(self.threads, m // max(PIECE, 1)))
+        parts = max(1, min(threads, m // max(PIECE, 1)))
         bounds = np.linspace(0, m, parts + 1).astype(np.int64)
 
         def work(j):
             a, b = int(bounds[j]), int(bounds[j + 1])
-            starts = np.zeros(nb + 1, np.int64)
-            histogram(pre[a:b], self.top_shift, nb, starts)
-            np.cumsum(starts, out=starts)
-            out = np.empty(b - a, np.uint64)
-            pos = starts[:-1].copy()
-            biggest = pack_scatter(pre[a:b], post[a:b], size[a:b] if has_size else size, has_size,
-                                   self.id_bits + self.size_bits, self.size_bits, self.top_shift, nb, pos, out)
-            return out, starts, int(biggest)
+            seg, base = self._reserve(b - a)
+            starts = np.empty(nb + 1, np.int64)
+            kept, biggest, problem = partition(pre[a:b], post[a:b], size[a:b] if has_size else size, has_size,
+                                               keep[a:b] if has_keep else keep, has_keep, self.max_index + 1,
+                                               self.id_bits,
+                                               self.size_bits, self.top_shift, nb, seg[0], base, starts)
+            return seg, starts, int(kept), int(biggest), int(problem)
 
         if parts > 1:
             with ThreadPoolExecutor(parts) as pool:
                 done = list(pool.map(work, range(parts)))
         else:
             done = [work(0)]
-        self._check_size(max(d[2] for d in done))
-        self.pieces.extend((out, starts) for out, starts, _ in done)
+        for _, _, _, biggest, problem in done:
+            if problem == _CODE_ID:
+                raise InputError(f"a neuron id exceeds the announced maximum {self.max_index}")
+            if problem == _CODE_SIZE:
+                raise InputError(f"size must be non-negative, found {biggest}")
+        self._check_size(max(d[3] for d in done))
+        with self._lock:
+            self._pieces.extend((seg, starts) for seg, starts, _, _, _ in done)
+        return sum(d[2] for d in done)
 
     def _add_gpu(self, pre, post, size) -> None:
         xp = self.xp
@@ -294,10 +398,11 @@ class EdgeAccumulator:
         if size is not None:
             self._check_size(int(size.max()))
             word |= size.astype(xp.uint64)
-        self.words.append(word)
+        with self._lock:
+            self.words.append(word)
 
-    def _dense(self, ids):
-        idx = self.index.lookup(to_numpy(ids))
+    def _dense(self, ids, threads: int = 1):
+        idx = self.index.lookup(to_numpy(ids), threads=threads)
         if np.any(idx < 0):
             k = int(np.argmax(idx < 0))
             raise InputError(f"{int(np.sum(idx < 0))} synapses name neurons that are not in the neuron table, "
@@ -307,53 +412,180 @@ class EdgeAccumulator:
     # ------------------------------------------------------------------ result
     def result(self) -> dict:
         """The edges: columns ``pre_id, post_id, n_synapses, total_size``, sorted by (pre_id, post_id)."""
-        if not self.packed:
-            return self._result_unpacked()
+        chunks = list(self.iter_result())
         xp = self.xp
-        if xp is np:
-            results = self._result_cpu()
-        else:
+        if not chunks:
+            return {"pre_id": xp.zeros(0, xp.uint64), "post_id": xp.zeros(0, xp.uint64),
+                    "n_synapses": xp.zeros(0, xp.int64), "total_size": xp.zeros(0, xp.int64)}
+        if len(chunks) == 1:
+            return chunks[0]
+        return {k: xp.concatenate([c[k] for c in chunks]) for k in EDGE_COLUMNS}
+
+    def iter_result(self, *, lookahead: int | None = None):
+        """The edges in pieces, in (pre_id, post_id) order: dicts of :data:`EDGE_COLUMNS` arrays.
+
+        On the CPU the pieces are the radix buckets, sorted on the thread pool
+        at most ``lookahead`` (default: 4 per thread) ahead of the consumer,
+        so a consumer that writes them out overlaps with the sorting.
+        """
+        if not self.packed:
+            yield self._result_unpacked()
+            return
+        xp = self.xp
+        if xp is not np:
             words, self.words = self.words, []
             keys = words[0] if len(words) == 1 else (xp.concatenate(words) if words else xp.zeros(0, xp.uint64))
             del words
             keys.sort()
-            results = [self._reduce_whole(keys)] if keys.shape[0] else []
-        if not results:
-            results = [(xp.zeros(0, xp.uint64), xp.zeros(0, xp.int64), xp.zeros(0, xp.int64))]
-        hi = xp.concatenate([r[0] for r in results])
-        counts = xp.concatenate([r[1] for r in results])
-        sums = xp.concatenate([r[2] for r in results])
-        del results
-        id_mask = xp.uint64((1 << self.id_bits) - 1)
-        pre = hi >> xp.uint64(self.id_bits)
-        post = hi & id_mask
-        return self._finish(pre, post, counts, sums)
+            if keys.shape[0]:
+                hi, counts, sums = self._reduce_whole(keys)
+                del keys
+                id_mask = xp.uint64((1 << self.id_bits) - 1)
+                yield self._finish(hi >> xp.uint64(self.id_bits), hi & id_mask, counts, sums)
+            return
+        yield from self._iter_cpu(lookahead)
 
-    def _result_cpu(self) -> list:
-        _, _, sort_reduce = _kernels()
-        pieces, self.pieces = self.pieces, []
+    def _iter_cpu(self, lookahead):
+        _, sort_buckets = _kernels()
+        pieces, self._pieces = self._pieces, []
+        segments, self._segments = self._segments, []
+        self.unassigned = 0
         nb = 1 << self.bucket_bits
         if not pieces:
-            return []
-        sizes = np.sum([starts[1:] - starts[:-1] for _, starts in pieces], axis=0)
-        todo = [int(i) for i in np.flatnonzero(sizes)]
+            return
+        if len(segments) == 1:
+            arena = segments[0][0]
+            table = np.stack([starts for _, starts in pieces])
+        else:  # more synapses than announced: one arena after all (a copy)
+            offset, at = {}, 0
+            for seg in segments:
+                offset[id(seg)] = at
+                at += seg[1]
+            arena = np.concatenate([seg[0][:seg[1]] for seg in segments])
+            table = np.stack([starts + offset[id(seg)] for seg, starts in pieces])
+        del segments, pieces
+        sizes = (table[:, 1:] - table[:, :-1]).sum(axis=0)
+        if not sizes.any():
+            return
+        biggest = int(sizes.max())
+        # tasks: runs of consecutive buckets of about GROUP words (fewer, larger pieces for the consumer)
+        bounds = [0]
+        acc_words = 0
+        for b in range(nb):
+            acc_words += int(sizes[b])
+            if acc_words >= GROUP and b + 1 < nb:
+                bounds.append(b + 1)
+                acc_words = 0
+        bounds.append(nb)
+        groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if sizes[a:b].sum()]
         n_bits = 2 * self.id_bits - self.bucket_bits  # the bucket's top bits are all equal
+        space = self.max_index + 1
+        has_deg = self.keeps_degrees
+        has_map = self.index is not None
+        idmap = self.ids if has_map else np.zeros(1, np.uint64)
+        local = threading.local()
+        degrees = []
 
-        def work(i):
-            keys = np.empty(int(sizes[i]), np.uint64)
-            at = 0
-            for out, starts in pieces:
-                a, b = int(starts[i]), int(starts[i + 1])
-                keys[at:at + b - a] = out[a:b]
-                at += b - a
-            return sort_reduce(keys, np.empty_like(keys), self.size_bits, n_bits, RADIX_BITS, self.size_bits)
+        def work(group):
+            a, b = group
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                deg = np.zeros((2, space if has_deg else 1), np.int64)  # outputs, inputs (+ partners << 40)
+                with self._lock:
+                    degrees.append(deg)
+                buf = local.buf = (np.empty(biggest, np.uint64), np.empty(biggest, np.uint64), deg)
+            keys, tmp, deg = buf
+            m = int(sizes[a:b].sum())
+            out = (np.empty(m, np.uint64), np.empty(m, np.uint64), np.empty(m, np.int64), np.empty(m, np.int64))
+            k, unassigned = sort_buckets(arena, table, a, b, keys, tmp, self.size_bits, n_bits, RADIX_BITS,
+                                       self.id_bits, idmap, has_map, deg[0], deg[1], has_deg, *out)
+            k = int(k)
+            return dict(zip(EDGE_COLUMNS, (o[:k] for o in out))), int(unassigned)
 
-        if len(todo) > 1 and self.threads > 1:
-            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
-                results = list(pool.map(work, todo))
+        lookahead = max(1, lookahead or 2 * self.threads)
+        workers = min(self.threads, len(groups))
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            it = iter(groups)
+            for g in it:
+                pending.append(pool.submit(work, g))
+                if len(pending) >= lookahead:
+                    break
+            try:
+                while pending:
+                    chunk, unassigned = pending.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(work, nxt))
+                    self.unassigned += unassigned
+                    if chunk["pre_id"].shape[0]:
+                        yield chunk
+            finally:
+                for f in pending:
+                    f.cancel()
+        del arena, table
+        if has_deg:
+            total = degrees[0]
+            for d in degrees[1:]:
+                total += d
+            low = np.int64((1 << _PARTNER_SHIFT) - 1)
+            # (space, 4): n_outputs, n_inputs, n_downstream, n_upstream
+            self._degrees = np.stack([total[0] & low, total[1] & low, total[0] >> _PARTNER_SHIFT,
+                                      total[1] >> _PARTNER_SHIFT], axis=1)
+
+    @property
+    def keeps_degrees(self) -> bool:
+        """Whether :meth:`iter_result` counts the neurons' synapses and partners as it goes."""
+        return self.xp is np and self.packed and self.max_index < DEGREE_SPACE
+
+    def edge_neurons(self) -> np.ndarray:
+        """Sorted ids of the neurons named by the edges of the last :meth:`iter_result` (CPU path)."""
+        if self._degrees is None:
+            raise InputError("the neurons' counts were not kept (see keeps_degrees)")
+        found = np.flatnonzero((self._degrees[:, 0] > 0) | (self._degrees[:, 1] > 0))
+        return self.ids[found] if self.index is not None else found.astype(np.uint64)
+
+    def degrees_for(self, neuron_ids) -> dict | None:
+        """Synapse and partner counts of neurons, from the edges of the last :meth:`iter_result`.
+
+        Parameters
+        ----------
+        neuron_ids : (n,) uint64 array
+
+        Returns
+        -------
+        dict of (n,) int64 arrays or None
+            ``n_outputs, n_inputs`` (synapses) and ``n_downstream,
+            n_upstream`` (partners), as :func:`connectome.graph.with_degrees`
+            computes them; None where they were not kept (GPU, very large
+            raw ids, sizes that need the unpacked path).
+
+        Raises
+        ------
+        InputError
+            An edge names a neuron that ``neuron_ids`` does not list.
+        """
+        if self._degrees is None:
+            return None
+        deg = self._degrees.T  # (4, space): n_outputs, n_inputs, n_downstream, n_upstream
+        ids = np.asarray(neuron_ids).astype(np.uint64, copy=False)
+        if self.index is not None:
+            pos = self.index.lookup(ids).astype(np.int64)
         else:
-            results = [work(i) for i in todo]
-        return results
+            inside = ids < np.uint64(deg.shape[1])
+            pos = np.where(inside, ids, np.uint64(0)).view(np.int64)
+            pos[~inside] = -1
+        found = pos > 0  # position 0 is "unassigned": never counted
+        cols = np.zeros((4, ids.size), np.int64)
+        cols[:, found] = deg[:, pos[found]]
+        if int(cols[0].sum()) != int(deg[0].sum()) or int(cols[1].sum()) != int(deg[1].sum()):
+            seen = np.zeros(deg.shape[1], bool)
+            seen[pos[found]] = True
+            missing = np.flatnonzero(((deg[0] > 0) | (deg[1] > 0)) & ~seen)
+            k = int(missing[0])
+            name = int(self.ids[k]) if self.index is not None else k
+            raise InputError(f"edges name neuron {name}, which the neuron table does not list")
+        return dict(zip(("n_outputs", "n_inputs", "n_downstream", "n_upstream"), cols))
 
     def _finish(self, pre, post, counts, sums) -> dict:
         xp = get_xp(pre)
@@ -433,10 +665,11 @@ def aggregate_edges(pre_id, post_id, size=None, *, ids=None, threads: int | None
 
     Notes
     -----
-    One sort of one packed 64-bit word per synapse (see the module notes);
-    equivalent to ``SELECT pre_id, post_id, count(*), sum(size) … WHERE
-    pre_id <> 0 AND post_id <> 0 GROUP BY pre_id, post_id ORDER BY pre_id,
-    post_id``.
+    One radix sort of one packed 64-bit word per synapse (see the module
+    notes; the partition-then-sort-in-cache scheme of Satish et al., "Fast
+    sort on CPUs and GPUs", SIGMOD 2010); equivalent to ``SELECT pre_id,
+    post_id, count(*), sum(size) … WHERE pre_id <> 0 AND post_id <> 0 GROUP
+    BY pre_id, post_id ORDER BY pre_id, post_id``.
 
     Examples
     --------

@@ -58,6 +58,85 @@ def _probe_kernel():
     return probe
 
 
+@functools.cache
+def _set_kernel():
+    """Compiled insertion into an open-addressing hash set of non-zero uint64 values (0 = empty slot)."""
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def insert(values, start, table, bits, count, limit):  # pragma: no cover - compiled
+        g = np.uint64(0x9E3779B97F4A7C15)
+        sh = np.uint64(64 - bits)
+        mask = np.int64((1 << bits) - 1)
+        for i in range(start, values.shape[0]):
+            v = np.uint64(values[i])
+            if v == 0:
+                continue
+            s = np.int64((v * g) >> sh)
+            while True:
+                t = table[s]
+                if t == v:
+                    break
+                if t == 0:
+                    table[s] = v
+                    count += 1
+                    if count >= limit:  # full enough: the caller grows the table and resumes here
+                        return count, i + 1
+                    break
+                s = (s + 1) & mask
+        return count, values.shape[0]
+
+    return insert
+
+
+def unique_ids(chunks) -> np.ndarray:
+    """Sorted distinct non-zero ids of a stream of id arrays, without holding the stream.
+
+    Parameters
+    ----------
+    chunks : iterable of (m,) integer arrays
+        E.g. the ``pre_id`` and ``post_id`` columns of a synapse file, row
+        group by row group.
+
+    Returns
+    -------
+    (n,) uint64 array
+
+    Notes
+    -----
+    An open-addressing hash set (multiply-shift hash, linear probing, load
+    factor ≤ 1/2, grown by doubling) filled by a compiled loop: memory and
+    time grow with the number of distinct ids, not with the stream, unlike
+    ``np.unique`` of the concatenated columns (a sort of all of them).
+
+    Examples
+    --------
+    >>> unique_ids([np.array([5, 0, 3]), np.array([3, 2**60])]).tolist()
+    [3, 5, 1152921504606846976]
+    """
+    insert = _set_kernel()
+    bits = 12
+    table = np.zeros(1 << bits, np.uint64)
+    count = 0
+    for values in chunks:
+        values = np.asarray(values)
+        if values.dtype.kind == "i":
+            if values.size and values.min() < 0:
+                raise InputError(f"neuron ids must be non-negative, found {int(values.min())}")
+        elif values.dtype.kind != "u":
+            raise InputError(f"neuron ids must be integers, got dtype {values.dtype}")
+        values = np.ascontiguousarray(values).reshape(-1)
+        at = 0
+        while at < values.size:
+            count, at = insert(values, at, table, bits, count, (1 << bits) // 2)
+            if count >= (1 << bits) // 2:
+                old = table[table != 0]
+                bits += 1
+                table = np.zeros(1 << bits, np.uint64)
+                count, _ = insert(old, 0, table, bits, 0, 1 << bits)
+    return np.sort(table[table != 0])
+
+
 class IdIndex:
     """Positions of neuron ids in a sorted, unique id array.
 
@@ -123,12 +202,15 @@ class IdIndex:
         self._ids_ext = np.append(self.ids, self.ids[:1])
 
     # ------------------------------------------------------------- lookups
-    def lookup(self, values) -> np.ndarray:
+    def lookup(self, values, *, threads: int | None = None) -> np.ndarray:
         """Dense index of each value; ``-1`` where the value is not an id.
 
         Parameters
         ----------
         values : (m,) integer array
+        threads : int, optional
+            Threads of the compiled hash probe (default: the CPU count, for
+            inputs of a million values or more); pass 1 from a worker thread.
 
         Returns
         -------
@@ -145,7 +227,7 @@ class IdIndex:
         if self.n == 0:
             return np.full(values.shape, -1, np.int32)
         if self._direct is None and _probe_kernel() is not None:
-            return self._lookup_compiled(values)
+            return self._lookup_compiled(values, threads)
         if values.size > _PIECE:  # in pieces: the temporaries stay in cache
             out = np.empty(values.shape, self._direct.dtype if self._direct is not None else self._table.dtype)
             for lo in range(0, values.size, _PIECE):
@@ -169,10 +251,10 @@ class IdIndex:
             todo, s = todo[more], s[more]
         return out
 
-    def _lookup_compiled(self, values: np.ndarray) -> np.ndarray:
+    def _lookup_compiled(self, values: np.ndarray, threads: int | None = None) -> np.ndarray:
         probe = _probe_kernel()
         out = np.empty(values.shape, self._table.dtype)
-        parts = max(1, min(os.cpu_count() or 1, values.size // _THREAD_MIN))
+        parts = max(1, min(threads or os.cpu_count() or 1, values.size // _THREAD_MIN))
         if parts == 1:
             probe(values, self._table, self.ids, self._bits, self._mask, out)
             return out

@@ -294,7 +294,13 @@ def import_edge_list(source, dest, *, pre: str | None = None, post: str | None =
 
 
 def with_degrees(neurons: pa.Table, pre: np.ndarray, post: np.ndarray, n_synapses: np.ndarray) -> pa.Table:
-    """Add ``n_outputs, n_inputs`` (synapses) and ``n_downstream, n_upstream`` (partners) to a neuron table."""
+    """Add ``n_outputs, n_inputs`` (synapses) and ``n_downstream, n_upstream`` (partners) to a neuron table.
+
+    Raises
+    ------
+    StoreError
+        An edge names a neuron that the table does not list.
+    """
     ids = neurons.column("neuron_id").to_numpy().astype(np.uint64)
     from connectome.graph._ids import IdIndex
 
@@ -306,13 +312,20 @@ def with_degrees(neurons: pa.Table, pre: np.ndarray, post: np.ndarray, n_synapse
         raise StoreError(f"edges name neuron {missing}, which the neuron table does not list")
     n = ids.size
     w = np.asarray(n_synapses, np.int64)
-    cols = {
-        "n_outputs": np.bincount(pi, weights=w, minlength=n).astype(np.int64),
+    return set_degrees(neurons, {
+        "n_outputs": np.bincount(pi, weights=w, minlength=n).astype(np.int64),  # exact below 2**53 synapses
         "n_inputs": np.bincount(qi, weights=w, minlength=n).astype(np.int64),
         "n_downstream": np.bincount(pi, minlength=n).astype(np.int64),
         "n_upstream": np.bincount(qi, minlength=n).astype(np.int64),
-    }
-    for name, values in cols.items():
+    })
+
+
+def set_degrees(neurons: pa.Table, degrees: dict) -> pa.Table:
+    """Put the columns ``n_outputs, n_inputs, n_downstream, n_upstream`` (arrays in table order) in a neuron table."""
+    for name in ("n_outputs", "n_inputs", "n_downstream", "n_upstream"):
+        values = np.asarray(degrees[name], np.int64)
+        if values.shape != (neurons.num_rows,):
+            raise InputError(f"{name} must have one value per neuron ({neurons.num_rows}), got shape {values.shape}")
         if name in neurons.column_names:
             neurons = neurons.drop_columns([name])
         neurons = neurons.append_column(name, pa.array(values))
