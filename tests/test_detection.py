@@ -1,6 +1,7 @@
 """Two-photon cell (ROI) detection: kernel and the tiled detection stage."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -53,12 +54,16 @@ def test_label_image_gives_a_shared_pixel_to_the_larger_weight():
 
 def test_synthetic_movie_cells_found(synthetic):
     ds, truth, metrics = synthetic
+    assert metrics["tiles"] == 1
     lab = ds.array("twophoton/rois/labels")[...]
     assert lab.dtype == np.int32 and lab.shape == truth.labels.shape
     r = match_labels(lab, truth.labels, iou_threshold=0.3)
-    # all cells count, silent ones included. Measured F1 0.84 (precision 0.84, recall 0.84) on this
-    # movie; the issue asks for 0.9, which this detector does not reach yet (dim cells are missed).
-    assert r["f1"] >= 0.78, r
+    # all cells count, silent ones included. Issue #4's bar is F1 >= 0.9: measured 0.922 (precision 0.956,
+    # recall 0.890) on this movie, 0.913 on seed 1. NOT met everywhere: seed 2 gives 0.844 and the registered
+    # rigid demo movie 0.857 (one tile, same settings); the misses are dim cells under a brighter neighbour,
+    # the false positives bright neuropil patches in the mean image.
+    assert r["f1"] >= 0.9, r
+    assert r["precision"] >= 0.92 and r["recall"] >= 0.87, r
     rois = ds.read_table("twophoton/rois").to_pandas()
     assert list(rois.roi_id) == list(range(1, len(rois) + 1))
     assert set(rois.source) <= {"activity", "anatomical"}
@@ -68,36 +73,14 @@ def test_synthetic_movie_cells_found(synthetic):
     by_truth = {int(t) - 1: src[int(p)] for p, t in r["pairs"]}
     silent = np.flatnonzero(~truth.active & (np.bincount(truth.labels.ravel(), minlength=truth.n_cells + 1)[1:] > 0))
     found_anat = [k for k in silent if by_truth.get(k) == "anatomical"]
-    assert len(found_anat) >= 0.3 * len(silent), (len(found_anat), len(silent))  # measured 6 of 16
+    assert len(found_anat) >= 0.3 * len(silent), (len(found_anat), len(silent))
     # active cells: most are found by their activity
     active = np.flatnonzero(truth.active)
-    assert np.mean([by_truth.get(k) == "activity" for k in active]) >= 0.6  # measured 0.72
+    assert np.mean([by_truth.get(k) == "activity" for k in active]) >= 0.6
     fp = ds.read_table("twophoton/footprints").to_pandas()
     assert set(fp.columns) == {"roi_id", "z", "y", "x", "weight"} and fp.weight.dtype == np.float32
     np.testing.assert_allclose(fp.groupby("roi_id").weight.max().to_numpy(), 1.0, rtol=1e-6)
     assert (rois.area.to_numpy() == fp[fp.weight > 0].groupby("roi_id").size().to_numpy()).all()
-
-
-def test_tiled_detection_equals_one_tile(synthetic, tmp_path):
-    ds, truth, _ = synthetic
-    whole = ds.array("twophoton/rois/labels")[...]
-    n_whole = len(ds.read_table("twophoton/rois"))
-    # 96-pixel tiles (8 cell diameters, 9 tiles) cut through many cells; overlap = 2.5 diameters
-    run_detection(ds, config={"tile_size": 96}, overwrite=True, show_progress=False)
-    tiled = ds.array("twophoton/rois/labels")[...]
-    r = match_labels(tiled, whole, iou_threshold=0.5)
-    assert r["f1"] >= 0.97, r  # measured 0.99 (one marginal anatomical ROI differs)
-    # no cell twice at a border: no two ROIs share half of the smaller one's pixels
-    fp = ds.read_table("twophoton/footprints").to_pandas()
-    masks = {k: set(zip(g.y, g.x)) for k, g in fp.groupby("roi_id")}
-    rois = ds.read_table("twophoton/rois").to_pandas()
-    assert abs(len(rois) - n_whole) <= 2
-    cen = rois[["y", "x"]].to_numpy()
-    close = np.argwhere(np.hypot(*(cen[:, None] - cen[None]).transpose(2, 0, 1)) < 12)
-    for i, j in close[close[:, 0] < close[:, 1]]:
-        a, b = masks[i + 1], masks[j + 1]
-        assert len(a & b) < 0.5 * min(len(a), len(b))
-    run_detection(ds, overwrite=True, show_progress=False)  # leave the module's store as it was
 
 
 def test_rerun_is_a_noop(synthetic):
@@ -107,6 +90,72 @@ def test_rerun_is_a_noop(synthetic):
     assert run_detection(ds, show_progress=False) == ds.provenance.get("twophoton.detection")["metrics"]
     assert ds.provenance.get("twophoton.detection")["finished"] == before
     assert ds.table_path("twophoton/rois").stat().st_mtime_ns == mtime
+
+
+def test_four_tiles_find_the_cells_of_one_tile(synthetic):
+    ds, truth, _ = synthetic
+    whole = ds.array("twophoton/rois/labels")[...]
+    n_whole = len(ds.read_table("twophoton/rois"))
+    # 128-pixel tiles: 4 tiles whose borders cut through cells; overlap = 2.5 diameters.
+    # (Leaves the module's store with the tiled result: keep this the last test of the fixture.)
+    m = run_detection(ds, config={"tile_size": 128}, overwrite=True, show_progress=False)
+    assert m["tiles"] == 4
+    tiled = ds.array("twophoton/rois/labels")[...]
+    r = match_labels(tiled, whole, iou_threshold=0.5)
+    print(f"4 tiles vs 1 tile: F1 {r['f1']:.3f}")
+    assert r["f1"] >= 0.98, r
+    # no cell twice at a border: no two ROIs share half of the smaller one's pixels
+    fp = ds.read_table("twophoton/footprints").to_pandas()
+    masks = {k: set(zip(g.y, g.x)) for k, g in fp.groupby("roi_id")}
+    rois = ds.read_table("twophoton/rois").to_pandas()
+    assert abs(len(rois) - n_whole) <= 1
+    cen = rois[["y", "x"]].to_numpy()
+    close = np.argwhere(np.hypot(*(cen[:, None] - cen[None]).transpose(2, 0, 1)) < 12)
+    for i, j in close[close[:, 0] < close[:, 1]]:
+        a, b = masks[i + 1], masks[j + 1]
+        assert len(a & b) < 0.5 * min(len(a), len(b))
+
+
+def test_interrupted_run_resumes_from_finished_tiles(tmp_path, monkeypatch):
+    import workflows.detection as wd
+
+    movie, truth = make_movie((200, 128, 128), motion="none", seed=3)
+    ds = _store(tmp_path / "kill.zarr", movie, truth.frame_rate, truth.voxel_size)
+    cfg = {"tile_size": 64}
+    ref = run_detection(ds, config=cfg, show_progress=False)
+    ref_lab = ds.array("twophoton/rois/labels")[...]
+    assert ref["tiles"] == 4 and ref["n_rois"] > 0
+    real = wd._detect_tile
+    calls = []
+    others_done = threading.Semaphore(0)
+
+    def dies_on_tile_2(store, tile, *args, **kwargs):
+        calls.append(tile.index)
+        if tile.index == 2:  # dies once the other three tiles are saved (tasks run in any order on threads)
+            for _ in range(3):
+                others_done.acquire(timeout=60)
+            raise RuntimeError("killed")
+        out = real(store, tile, *args, **kwargs)
+        others_done.release()
+        return out
+
+    monkeypatch.setattr(wd, "_detect_tile", dies_on_tile_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_detection(ds, config=cfg, overwrite=True, show_progress=False)
+    # nothing looks finished
+    assert ds.provenance.get("twophoton.detection")["status"] == "failed"
+    assert not ds.is_complete("twophoton/rois/labels") and not ds.has_table("twophoton/rois")
+    scratch = ds.root["_scratch/detection"]
+    done = [int(k) for k in scratch.group_keys() if "signature" in scratch[k].attrs]
+    assert sorted(done) == [0, 1, 3]  # the finished tiles were kept
+    calls.clear()
+    monkeypatch.setattr(wd, "_detect_tile", lambda store, tile, *a, **k: calls.append(tile.index) or real(
+        store, tile, *a, **k))
+    m = run_detection(ds, config=cfg, show_progress=False)
+    assert sorted(calls) == sorted(set(range(4)) - set(done))  # finished tiles are not computed again
+    assert m["n_rois"] == ref["n_rois"]
+    np.testing.assert_array_equal(ds.array("twophoton/rois/labels")[...], ref_lab)
+    assert ds.is_complete("twophoton/rois/labels") and "_scratch/detection" not in ds.root
 
 
 def test_cell_spanning_two_planes_is_one_roi(tmp_path):
@@ -191,7 +240,8 @@ def test_neurofinder_crop(shared_data, tmp_path):
     active_recall = np.mean([k in matched for k in active])
     print(f"neurofinder: precision {precision:.3f} recall {recall:.3f} active recall {active_recall:.3f} "
           f"({len(active)} active of {len(left)})")
-    # floors = measured minus a margin (measured: precision 0.34, recall 0.40, active recall 0.82 of 22);
+    # floors = measured minus a margin (measured: precision 0.41, recall 0.34, active recall 0.77 of 22;
+    # before the tissue-contrast filter 0.34, 0.40, 0.82);
     # suite2p-scale methods reach F1 0.5-0.6 on Neurofinder, and a third of these nuclear-marker ROIs never fire
     assert precision >= 0.25
     assert recall >= 0.28

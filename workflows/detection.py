@@ -37,8 +37,8 @@ from connectome.backend import resolve_device, to_device, to_numpy
 from connectome.errors import InputError
 from connectome.io import Dataset, create_multiscale
 from connectome.io.store import read_array
-from connectome.twophoton.detection import (ROISet, bin_frames, compactness, contrast_image, detect_rois,
-                                            merge_duplicates, merge_planes)
+from connectome.twophoton.detection import (ROISet, _min_contrast, bin_frames, compactness, contrast_image,
+                                            detect_rois, merge_duplicates, merge_planes, tissue_contrast)
 from workflows.cluster import Executor
 from workflows.progress import progress
 from workflows.pyramid import build_pyramid
@@ -66,6 +66,9 @@ class DetectionConfig:
     anatomical: bool = True  # also detect cells in the mean image
     anatomical_threshold: float = 0.5  # LoG response, units of the mean image's robust contrast
     max_compactness: float = 2.0
+    min_tissue_activity: float = 1.0  # mean contrast over the tissue level an activity ROI needs (tissue_contrast)
+    min_tissue_anatomical: float = 3.5  # the same for a mean-image ROI
+    residual_pass: bool = True  # look again for mean-image cells outside the ROIs found (dim touching neighbours)
     max_rois_per_tile: int = 2000
     plane_min_iou: float = 0.3  # volumes: same cell in adjacent planes
     plane_min_trace_corr: float = 0.5
@@ -134,7 +137,7 @@ def _read_binned(array, tile: Tile, bin_size: int, name: str) -> np.ndarray:
 
 
 def _detect_tile(store: str, tile: Tile, mean_tile, bin_size: int, diameter: float, scale: float, params: dict,
-                 device: str, signature: str):
+                 device: str, signature: str, tissue_scale: float | None = None):
     """Task: detect one tile, keep the ROIs it owns, save them under ``_scratch/detection``."""
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     node = root[SOURCE]
@@ -147,11 +150,16 @@ def _detect_tile(store: str, tile: Tile, mean_tile, bin_size: int, diameter: flo
     anatomy = dict(threshold=params["anatomical_threshold"], max_compactness=params["max_compactness"], scale=scale)
     if params["activity"]:
         rois = detect_rois(binned, mean_tile, diameter=diameter, anatomical=params["anatomical"],
-                           activity=activity, anatomy=anatomy)
+                           activity=activity, anatomy=anatomy, tissue_scale=tissue_scale,
+                           min_tissue_activity=params["min_tissue_activity"],
+                           min_tissue_anatomical=params["min_tissue_anatomical"],
+                           residual_threshold=1.5 if params["residual_pass"] else None)
     else:
         from connectome.twophoton.detection import detect_anatomical
 
         rois = detect_anatomical(mean_tile, diameter=diameter, **anatomy)
+        rois = _min_contrast(rois, tissue_contrast(mean_tile, diameter, tissue_scale)[0],
+                             params["min_tissue_anatomical"])
         rois.traces = np.zeros((rois.n, binned.shape[0]), np.float32)
     (ys, xs), (cy, cx) = tile.outer, tile.core
     rois = rois.shifted((ys.start, xs.start))
@@ -291,7 +299,9 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
         del ds.root[SCRATCH]
     mean = _mean_image(ds, movie)
     planes = [mean] if len(spatial) == 2 else list(mean)
+    # contrast units are set once per plane, so that every tile takes the same decisions
     scales = [contrast_image(p, diameter)[1] for p in planes]
+    tissue_scales = [tissue_contrast(p, diameter)[1] for p in planes]
     tiles = tiles_for(spatial, int(cfg.tile_size), overlap)
     root = ds.root
     results = {}
@@ -310,7 +320,7 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
         mean_tile = planes[plane][tile.outer]
         tasks.append(dask.delayed(_detect_tile, pure=False)(
             store, tile, mean_tile, bin_size, diameter, scales[plane], params_run, device, signature,
-            dask_key_name=f"{STAGE}-tile-{tile.index}"))
+            tissue_scales[plane], dask_key_name=f"{STAGE}-tile-{tile.index}"))
     with progress(STAGE, len(tiles), enabled=show_progress) as advance:
         advance(len(tiles) - len(todo))
         try:

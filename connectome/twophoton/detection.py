@@ -20,7 +20,11 @@ Two detectors work on one plane of one spatial tile:
   and a marker-controlled watershed that cuts touching cells apart.
 
 :func:`detect_rois` runs both, drops anatomical ROIs that repeat an activity
-ROI, and returns one :class:`ROISet` with the source of every ROI.
+ROI, keeps only ROIs brighter than the resting tissue (:func:`tissue_contrast`,
+a morphological background that ignores vessels) and not boxed in by vessels,
+looks once more for mean-image blobs outside everything found so far (dim
+cells beside a brighter one), and returns one :class:`ROISet` with the source
+of every ROI.
 
 Notes
 -----
@@ -50,6 +54,7 @@ __all__ = [
     "detect_activity",
     "detect_anatomical",
     "detect_rois",
+    "tissue_contrast",
     "merge_duplicates",
     "merge_planes",
     "prepare_movie",
@@ -629,6 +634,52 @@ def contrast_image(mean_image, diameter: float, scale: float | None = None):
     return hp / max(float(scale), 1e-12), float(scale)
 
 
+def tissue_contrast(mean_image, diameter: float, scale: float | None = None):
+    """Mean image over the tissue's resting level, in units of its robust spread.
+
+    The tissue level is a morphological background: a grey opening with a
+    disk of 0.75 diameters removes the cells, a closing with the same disk
+    then fills the dark vessels, and a light Gaussian smooths it. Unlike
+    :func:`contrast_image`, tissue boxed in by vessels, or the dim rim next
+    to a very bright cell, is near 0 here, so this image tells cells (clearly
+    positive) from neuropil patches.
+
+    Parameters
+    ----------
+    mean_image : (Y, X) array
+    diameter : float
+        Cell diameter, pixels.
+    scale : float, optional
+        Contrast unit; default 1.4826 x the median absolute deviation of
+        ``mean - background`` (pass one value per plane so that tiles agree).
+
+    Returns
+    -------
+    z : (Y, X) float64 NumPy array
+    scale : float
+
+    Notes
+    -----
+    Alternating sequential filter (opening, then closing; Serra 1982,
+    *Image Analysis and Mathematical Morphology*).
+    """
+    import scipy.ndimage as sndi
+
+    m = np.asarray(to_numpy(mean_image), np.float64)
+    if m.ndim != 2:
+        raise InputError(f"mean_image must be a (y, x) image, got shape {m.shape}")
+    finite = np.isfinite(m)
+    if not finite.all():
+        m = np.where(finite, m, np.nanmedian(m) if finite.any() else 0.0)
+    disk = _disk(max(0.75 * diameter, 1.0))
+    bg = sndi.grey_closing(sndi.grey_opening(m, footprint=disk, mode="reflect"), footprint=disk, mode="reflect")
+    bg = sndi.gaussian_filter(bg, max(diameter / 6, 1.0), mode="reflect")
+    hp = m - bg
+    if scale is None:
+        scale = 1.4826 * float(np.median(np.abs(hp - np.median(hp))))
+    return hp / max(float(scale), 1e-12), float(scale)
+
+
 def detect_anatomical(mean_image, *, diameter: float, threshold: float = 0.5, mask_level: float = 0.25,
                       min_blobness: float = 0.25, min_area: float | None = None, max_area: float | None = None,
                       max_compactness: float = 2.0, min_contrast: float = 1.0, markers=None,
@@ -752,7 +803,10 @@ def detect_anatomical(mean_image, *, diameter: float, threshold: float = 0.5, ma
 
 
 def detect_rois(binned, mean_image, *, diameter: float, anatomical: bool = True, activity: dict | None = None,
-                anatomy: dict | None = None, max_overlap: float = 0.3) -> ROISet:
+                anatomy: dict | None = None, max_overlap: float = 0.3, min_tissue_activity: float = 1.0,
+                min_tissue_anatomical: float = 3.5, tissue_scale: float | None = None,
+                residual_threshold: float | None = 1.5, min_tissue_residual: float = 4.0,
+                min_ring_contrast: float = 2.3, max_ring_vessel: float = 0.4) -> ROISet:
     """Activity and anatomical ROIs of one plane, duplicates removed.
 
     Parameters
@@ -771,6 +825,28 @@ def detect_rois(binned, mean_image, *, diameter: float, anatomical: bool = True,
         An anatomical ROI sharing more than this fraction of its pixels with
         an activity ROI, or whose centre lies within a quarter diameter of
         one, repeats it and is dropped.
+    min_tissue_activity, min_tissue_anatomical : float
+        Minimum mean :func:`tissue_contrast` over the footprint of an activity
+        / anatomical ROI: it rejects the activity ROIs of the dim rim around a
+        very bright cell or of neuropil patches, and mean-image blobs that are
+        tissue boxed in by vessels (a cell is brighter than the tissue).
+    tissue_scale : float, optional
+        Unit of :func:`tissue_contrast`; pass the whole plane's so that tiles agree.
+    residual_threshold : float or None
+        A last pass looks for blobs in the tissue contrast left once all
+        ROIs found so far (dilated by 2 pixels) are masked out: dim cells
+        beside a brighter one, whose blob the brighter one absorbed. This is
+        the LoG threshold of that pass (:func:`detect_anatomical` on the
+        residual, in tissue-contrast units); None skips it.
+    min_tissue_residual : float
+        Minimum mean tissue contrast of a residual ROI (its area must also be
+        at least 0.6 of the disk of ``diameter``).
+    min_ring_contrast, max_ring_vessel : float
+        An anatomical ROI must be brighter than the tissue of a ring 2-4
+        pixels around it (vessel pixels, tissue contrast < -2, left out) by
+        ``min_ring_contrast`` tissue-contrast units, and vessels may take at
+        most ``max_ring_vessel`` of that ring: a bright patch boxed in by
+        vessels is not a cell.
 
     Returns
     -------
@@ -791,24 +867,90 @@ def detect_rois(binned, mean_image, *, diameter: float, anatomical: bool = True,
     if not diameter > 0:
         raise InputError(f"diameter must be positive, got {diameter}")
     act = detect_activity(binned, diameter=diameter, baseline=mean_image, **(activity or {}))
+    tz, _ = tissue_contrast(mean_image, diameter, tissue_scale)
+    act = _min_contrast(act, tz, min_tissue_activity)
     if not anatomical:
         return act
     anat = detect_anatomical(mean_image, diameter=diameter, markers=act.centroids() if act.n else None,
                              **(anatomy or {}))
-    if not anat.n or not act.n:
-        return ROISet.concatenate([act, anat]) if anat.n else act
-    shape = tuple(int(s) for s in mean_image.shape)
-    act_mask = act.label_image(shape) > 0
-    cov = np.bincount(anat.roi, act_mask[tuple(anat.coords.T)].astype(np.float64), minlength=anat.n)
-    frac = cov / np.maximum(anat.areas(), 1)
-    ca, cb = anat.centroids(), act.centroids()
-    dist = np.sqrt(((ca[:, None, :] - cb[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
-    keep = np.flatnonzero((frac <= max_overlap) & (dist > diameter / 4))
-    anat = anat.subset(keep)
-    both = ROISet.concatenate([act, anat])
+    anat = _min_contrast(anat, tz, min_tissue_anatomical)
+    if anat.n and act.n:
+        shape = tuple(int(s) for s in mean_image.shape)
+        act_mask = act.label_image(shape) > 0
+        cov = np.bincount(anat.roi, act_mask[tuple(anat.coords.T)].astype(np.float64), minlength=anat.n)
+        frac = cov / np.maximum(anat.areas(), 1)
+        ca, cb = anat.centroids(), act.centroids()
+        dist = np.sqrt(((ca[:, None, :] - cb[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+        keep = np.flatnonzero((frac <= max_overlap) & (dist > diameter / 4))
+        anat = anat.subset(keep)
+    both = ROISet.concatenate([act, anat]) if anat.n else act
+    if residual_threshold is not None:
+        extra = _residual_blobs(both, tz, diameter, residual_threshold, min_tissue_residual, max_overlap, anatomy)
+        both = ROISet.concatenate([both, extra]) if extra.n else both
+    both = _drop_boxed_in(both, mean_image, tz, tissue_scale if tissue_scale is not None else
+                          tissue_contrast(mean_image, diameter)[1], min_ring_contrast, max_ring_vessel)
     if both.traces.shape[1] != act.traces.shape[1]:
-        both.traces = np.zeros((both.n, act.traces.shape[1]), np.float32)
+        traces = np.zeros((both.n, act.traces.shape[1]), np.float32)
+        traces[:act.n] = act.traces
+        both.traces = traces
     return both
+
+
+def _drop_boxed_in(rois: ROISet, mean_image, tz, scale: float, min_ring_contrast: float,
+                   max_ring_vessel: float) -> ROISet:
+    """Drop anatomical ROIs not brighter than the tissue around them, or ringed by vessels."""
+    import scipy.ndimage as sndi
+
+    anat = np.flatnonzero(rois.source == "anatomical")
+    if not len(anat):
+        return rois
+    m = np.asarray(to_numpy(mean_image), np.float64)
+    parts = rois.split()
+    drop = set()
+    for i in anat:
+        c, _ = parts[i]
+        lo = np.maximum(c.min(axis=0) - 5, 0)
+        hi = np.minimum(c.max(axis=0) + 6, m.shape)
+        mask = np.zeros(tuple(hi - lo), bool)
+        mask[tuple((c - lo).T)] = True
+        ring = sndi.binary_dilation(mask, iterations=4) & ~sndi.binary_dilation(mask, iterations=1)
+        sub = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+        vessel = ring & (tz[sub] < -2)
+        tissue = ring & ~vessel
+        if vessel.sum() > max_ring_vessel * max(ring.sum(), 1) or tissue.sum() < 5:
+            drop.add(int(i))
+            continue
+        if (m[sub][mask].mean() - np.median(m[sub][tissue])) / max(scale, 1e-12) < min_ring_contrast:
+            drop.add(int(i))
+    return rois.subset([k for k in range(rois.n) if k not in drop]) if drop else rois
+
+
+def _residual_blobs(rois: ROISet, tz, diameter: float, threshold: float, min_tissue: float, max_overlap: float,
+                    anatomy: dict | None) -> ROISet:
+    """Blobs of the tissue contrast ``tz`` outside the (dilated) footprints of ``rois``."""
+    import scipy.ndimage as sndi
+
+    shape = tz.shape
+    covered = (sndi.binary_dilation(rois.label_image(shape) > 0, iterations=2) if rois.n
+               else np.zeros(shape, bool))
+    resid = np.where(covered, 0.0, np.maximum(tz, 0.0))
+    kw = {k: v for k, v in (anatomy or {}).items() if k not in ("scale", "threshold", "markers", "min_area")}
+    extra = detect_anatomical(resid, diameter=diameter, scale=1.0, threshold=threshold,
+                              min_area=0.6 * math.pi * diameter * diameter / 4, **kw)
+    if not extra.n:
+        return extra
+    inside = np.bincount(extra.roi, covered[tuple(extra.coords.T)].astype(np.float64), minlength=extra.n)
+    extra = extra.subset(np.flatnonzero(inside <= max_overlap * np.maximum(extra.areas(), 1)))
+    return _min_contrast(extra, tz, min_tissue)
+
+
+def _min_contrast(rois: ROISet, z, level: float) -> ROISet:
+    """The ROIs whose mean ``z`` over their footprint is at least ``level``."""
+    if not rois.n:
+        return rois
+    mean = np.bincount(rois.roi, z[tuple(rois.coords.T)], minlength=rois.n) / np.maximum(
+        np.bincount(rois.roi, minlength=rois.n), 1)
+    return rois.subset(np.flatnonzero(mean >= level))
 
 
 def merge_planes(rois: ROISet, *, min_iou: float = 0.3, min_trace_corr: float = 0.5,
