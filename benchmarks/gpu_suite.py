@@ -169,6 +169,126 @@ def stage_aggregate(s, cp):
     return "synapse -> edge aggregation", "Msyn", n, n * (4 + 4 + 4 + 8 * 2), cpu, gpu, check
 
 
+# ------------------------------------------------------------------ two-photon stages
+def _movie(s, seed=10):
+    """A synthetic rigid-motion movie (float32) and its truth; T scales with ``s``."""
+    from connectome.synth.twophoton import make_movie
+
+    t = max(16, int(round(200 * s)))
+    movie, truth = make_movie((t, 256, 256), motion="rigid", max_shift=4.0, seed=seed, dtype=np.float32)
+    return movie, truth
+
+
+def _close(a, b, rtol, what):
+    """Max |a - b| relative to max |a| (NaN must sit at the same places)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return False, f"{what}: shapes or NaN positions differ"
+    ok = ~np.isnan(a)
+    ref = max(float(np.max(np.abs(a[ok]))) if ok.any() else 0.0, 1e-30)
+    err = float(np.max(np.abs(a[ok] - b[ok]))) / ref if ok.any() else 0.0
+    return err <= rtol, f"{what} max rel |diff| {err:.1e} (tol {rtol:.0e})"
+
+
+def stage_registration(s, cp):
+    from connectome.twophoton.registration import prepare_reference, register_frames
+
+    movie, _ = _movie(s)
+    ref_img = movie[: min(20, len(movie))].mean(0)
+    ref = prepare_reference(ref_img)
+    cpu = lambda: register_frames(movie, ref)[:2]  # noqa: E731  (registered, shifts)
+    gpu = None
+    if cp is not None:
+        dmov, dref = cp.asarray(movie), prepare_reference(cp.asarray(ref_img))
+        gpu = lambda: register_frames(dmov, dref)[:2]  # noqa: E731
+
+    def check(a, b):
+        shift_err = float(np.max(np.abs(a[1] - b[1])))
+        ok, how = _close(a[0], b[0], 1e-3, "frames")
+        return ok and shift_err <= 0.01, f"shifts max |diff| {shift_err:.1e} px (tol 1e-2); {how}"
+
+    return "registration (rigid, FFT)", "frames", movie.shape[0], movie.nbytes * 2, cpu, gpu, check
+
+
+def stage_summary(s, cp):
+    from connectome.twophoton.summary import partial_stats, summary_images
+
+    movie, _ = _movie(s, seed=11)
+    cpu = lambda: summary_images(partial_stats(movie))  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dmov = cp.asarray(movie)
+        gpu = lambda: summary_images(partial_stats(dmov))  # noqa: E731
+
+    def check(a, b):
+        worst = []
+        for k in sorted(a):
+            ok, how = _close(a[k], b[k], 1e-4, k)
+            worst.append((ok, how))
+        return all(ok for ok, _ in worst), "; ".join(h for _, h in worst)
+
+    return "summary + correlation images", "frames", movie.shape[0], movie.nbytes, cpu, gpu, check
+
+
+def stage_extraction(s, cp):
+    import scipy.sparse as sp
+
+    from connectome.twophoton.extraction import extract_traces, normalize_rows, to_backend
+
+    movie, truth = _movie(s, seed=12)
+    f = truth.footprints.reshape(truth.footprints.shape[0], -1)
+    w = normalize_rows(sp.csr_matrix(np.where(f >= 0.1, f, 0)))
+    cpu = lambda: extract_traces(movie, w)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dmov, dw = cp.asarray(movie), to_backend(w, cp)
+        gpu = lambda: extract_traces(dmov, dw)  # noqa: E731
+
+    def check(a, b):
+        return _close(a, b, 1e-5, "F")
+
+    return (f"trace extraction ({w.shape[0]} ROIs)", "frames", movie.shape[0], movie.nbytes + w.nnz * 8,
+            cpu, gpu, check)
+
+
+def _activity(n, t, seed):
+    """(n, t) float64 traces: sparse shared ensembles (a few hundred correlated pairs) plus noise."""
+    rng = np.random.default_rng(seed)
+    k = max(4, n // 50)
+    latent = (rng.random((k, t)) < 0.01).astype(np.float64)
+    kernel = 0.95 ** np.arange(60)
+    latent = np.apply_along_axis(lambda r: np.convolve(r, kernel)[:t], 1, latent)
+    member = rng.integers(0, k, n)
+    gain = (rng.random(n) < 0.3) * rng.uniform(0.5, 1.5, n)
+    return gain[:, None] * latent[member] + rng.normal(0, 0.3, (n, t))
+
+
+def stage_functional(s, cp):
+    from connectome.twophoton.functional import correlation_edges
+
+    n, t, fs = max(200, int(2000 * s)), 3000, 15.0
+    traces = _activity(n, t, 13)
+    kw = dict(threshold=0.3, n_surrogates=200, min_shift=10.0)
+    cpu = lambda: correlation_edges(traces, fs, device="cpu", **kw)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        gpu = lambda: correlation_edges(traces, fs, device="gpu", **kw)  # noqa: E731
+
+    def check(a, b):
+        keys = [k for k in a if k not in ("p_value", "correlation")]
+        ca, cb = np.asarray(a["correlation"]), np.asarray(b["correlation"])
+        if ca.shape != cb.shape:
+            return False, f"{ca.size} vs {cb.size} pairs"
+        same = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in keys)
+        err = float(np.max(np.abs(ca - cb))) if ca.size else 0.0
+        dp = float(np.nanmax(np.abs(np.asarray(a["p_value"]) - np.asarray(b["p_value"])))) if ca.size else 0.0
+        # p = (1 + #surrogates >= r) / (1 + S): a surrogate within float rounding of r may flip
+        return same and err <= 1e-9 and dp <= 2.0 / 201, (
+            f"{ca.size} pairs, same ids; r max |diff| {err:.1e} (tol 1e-9); p max |diff| {dp:.1e} (tol 2/201)")
+
+    return f"functional correlations ({n} ROIs)", "Mpairs", n * (n - 1) // 2, traces.nbytes, cpu, gpu, check
+
+
 def stage_oasis(s, cp):
     from connectome.twophoton.deconvolution import oasis
 
@@ -195,7 +315,51 @@ def stage_oasis(s, cp):
     return "OASIS (AR1, 1000 frames)", "traces", n, traces.nbytes * 2, cpu, gpu, check
 
 
-STAGES = (stage_labels, stage_watershed, stage_forest, stage_rag, stage_aggregate, stage_oasis)
+def stage_filter_bank(s, cp):
+    from connectome.em._boundaries import filter_bank
+    from connectome.synth.em import make_volume
+
+    z = max(8, int(round(32 * s ** (1 / 3))))
+    image, _ = make_volume((z, 192, 192), voxel_size=(40, 8, 8), seed=14)
+    cpu = lambda: filter_bank(image, (40, 8, 8))  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dimg = cp.asarray(image)
+        gpu = lambda: filter_bank(dimg, (40, 8, 8))  # noqa: E731
+
+    def check(a, b):
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        frac = float(np.mean(d <= 1e-3))
+        return frac >= 0.999 and float(d.max()) <= 0.05, (
+            f"{frac:.5f} of voxels within 1e-3 (tol 0.999), max |diff| {float(d.max()):.1e} (tol 0.05)")
+
+    return "EM filter bank (membrane prob.)", "Mvox", image.size, image.nbytes + image.size * 4, cpu, gpu, check
+
+
+def stage_relabel(s, cp):
+    import scipy.ndimage as ndi
+
+    from connectome.labels import label_block, relabel_block
+
+    n = int(round(96 * s ** (1 / 3)))
+    vol = ndi.gaussian_filter(np.random.default_rng(15).random((n, 2 * n, 2 * n)).astype(np.float32), 2) > 0.5
+    lab, count = label_block(vol, connectivity=1)
+    lookup = np.random.default_rng(16).permutation(count).astype(np.uint64) + 1
+    cpu = lambda: relabel_block(lab, lookup, 0)  # noqa: E731
+    gpu = None
+    if cp is not None:
+        dlab, dlut = cp.asarray(lab), cp.asarray(lookup)
+        gpu = lambda: relabel_block(dlab, dlut, 0)  # noqa: E731
+
+    def check(a, b):
+        return bool(np.array_equal(a, b)), "exact"
+
+    return "relabel lookup table", "Mvox", lab.size, lab.size * 16, cpu, gpu, check
+
+
+STAGES = (stage_registration, stage_summary, stage_extraction, stage_oasis, stage_functional,
+          stage_filter_bank, stage_forest, stage_watershed, stage_rag, stage_labels, stage_relabel,
+          stage_aggregate)
 
 
 def main(argv=None) -> dict:
@@ -213,7 +377,10 @@ def main(argv=None) -> dict:
         device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     sync = (lambda: cp.cuda.Device().synchronize()) if cp is not None else None
     rows = []
-    only = set(filter(None, a.only.split(",")))
+    only = {n if n.startswith("stage_") else f"stage_{n}" for n in filter(None, a.only.split(","))}
+    unknown = only - {m.__name__ for m in STAGES}
+    if unknown:
+        p.error(f"unknown stage(s) {sorted(unknown)}; known: {[m.__name__ for m in STAGES]}")
     for make in STAGES:
         if only and make.__name__ not in only:
             continue
@@ -222,19 +389,24 @@ def main(argv=None) -> dict:
         t_cpu, out_cpu = _timed(cpu, repeat=2)
         row = {"stage": name, "unit": unit, "items": items, "cpu_s": t_cpu, "cpu_rate": items / t_cpu / scale}
         if gpu is not None:
-            gpu()  # compile / warm up
-            sync()
-            t_gpu, out_gpu = _timed(gpu, sync=sync)
-            ok, how = check(_host(out_cpu), _host(out_gpu))
-            row |= {"gpu_s": t_gpu, "gpu_rate": items / t_gpu / scale, "speedup": t_cpu / t_gpu,
-                    "bandwidth_fraction": nbytes / t_gpu / a.bandwidth, "agree": ok, "agreement": how}
+            try:
+                gpu()  # compile / warm up
+                sync()
+                t_gpu, out_gpu = _timed(gpu, sync=sync)
+                ok, how = check(_host(out_cpu), _host(out_gpu))
+            except Exception as exc:  # one stage failing on the device must not hide the others
+                row |= {"agree": False, "agreement": f"GPU error: {type(exc).__name__}: {exc}"[:300]}
+            else:
+                row |= {"gpu_s": t_gpu, "gpu_rate": items / t_gpu / scale, "speedup": t_cpu / t_gpu,
+                        "bandwidth_fraction": nbytes / t_gpu / a.bandwidth, "agree": ok, "agreement": how}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'stage':32s} {'unit':>6s} {'CPU /s':>10s} {'GPU /s':>10s} {'speed-up':>9s} {'of BW':>7s}  agreement")
+    print(f"\n{'stage':36s} {'unit':>6s} {'CPU /s':>10s} {'GPU /s':>10s} {'speed-up':>9s} {'of BW':>7s}  agreement")
     for r in rows:
         g = (f"{r['gpu_rate']:10.1f} {r['speedup']:9.1f} {r['bandwidth_fraction']:7.1%}  "
-             f"{'ok' if r['agree'] else 'DIFFER'} ({r['agreement']})") if "gpu_s" in r else f"{'no GPU':>10s}"
-        print(f"{r['stage']:32s} {r['unit']:>6s} {r['cpu_rate']:10.1f} {g}")
+             f"{'ok' if r['agree'] else 'DIFFER'} ({r['agreement']})") if "gpu_s" in r else (
+            f"{'FAILED':>10s}  {r['agreement']}" if "agreement" in r else f"{'no GPU':>10s}")
+        print(f"{r['stage']:36s} {r['unit']:>6s} {r['cpu_rate']:10.1f} {g}")
     result = {"date": time.strftime("%Y-%m-%d"), "device": device, "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "scale": a.scale, "rows": rows}
     if a.json:

@@ -10,6 +10,10 @@ on the CPU under the CUDA simulator in ``tests/test_cudasim.py``.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -33,6 +37,35 @@ def _host(a):
 
 def _same(a):
     return np.asarray(a)
+
+
+def _suite():
+    """benchmarks/gpu_suite.py as a module (it is a script, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SUITE = _suite()
+STAGE_NAMES = [m.__name__ for m in SUITE.STAGES]
+TINY = 0.02  # the suite's --scale for tests: every stage in a few seconds on 2 cores
+
+
+def _perturb(a):
+    """A clearly wrong copy of a stage output: floats moved by 5 % of their range, ints by one."""
+    if isinstance(a, dict):
+        return {k: _perturb(v) for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(_perturb(v) for v in a)
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        finite = a[np.isfinite(a)]
+        return a + 0.05 * (float(np.max(np.abs(finite))) if finite.size else 1.0) + 1e-3
+    if a.dtype.kind in "iu":
+        return a + a.dtype.type(1)
+    return a
 
 
 def _synthetic_relief(seed=0, shape=(4, 96, 96)):
@@ -133,3 +166,83 @@ def test_rag_statistics_gpu():
 @pytest.mark.gpu
 def test_aggregate_gpu():
     checks.check_aggregate(_dev, _host)
+
+
+# ------------------------------------------------------------------ the benchmark suite
+def test_suite_covers_every_stage_of_issue_9():
+    want = {"stage_registration", "stage_summary", "stage_extraction", "stage_oasis", "stage_functional",
+            "stage_filter_bank", "stage_forest", "stage_watershed", "stage_rag", "stage_labels",
+            "stage_relabel", "stage_aggregate"}
+    assert want <= set(STAGE_NAMES)
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_suite_agreement_check_accepts_equal_and_rejects_wrong(name):
+    # the CPU output must pass its own check and a perturbed copy must fail it, so a GPU
+    # result that is wrong cannot be reported as agreeing
+    make = getattr(SUITE, name)
+    label, unit, items, nbytes, cpu, gpu, check = make(TINY, None)
+    assert gpu is None and items > 0 and nbytes > 0
+    out = SUITE._host(cpu())
+    ok, how = check(out, out)
+    assert ok, how
+    bad, how = check(out, _perturb(out))
+    assert not bad, how
+
+
+def test_suite_command_prints_table_and_json_without_gpu(tmp_path, capsys):
+    from connectome.backend import gpu_available
+
+    out = tmp_path / "gpu.json"
+    result = SUITE.main(["--scale", str(TINY), "--only", "labels,relabel", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [r["stage"] for r in result["rows"]] == ["connected components", "relabel lookup table"]
+    assert all(r["cpu_rate"] > 0 for r in result["rows"])
+    text = capsys.readouterr().out
+    if not gpu_available():
+        assert result["device"] == "no GPU"
+        assert all("gpu_s" not in r for r in result["rows"]) and "no GPU" in text
+    with pytest.raises(SystemExit):
+        SUITE.main(["--only", "no_such_stage"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_stage_gpu_agrees_with_cpu(name):
+    # every stage of the suite on CuPy against the CPU function, with the suite's tolerance
+    cp = _cupy()
+    label, unit, items, nbytes, cpu, gpu, check = getattr(SUITE, name)(0.1, cp)
+    assert gpu is not None
+    want = SUITE._host(cpu())
+    got = SUITE._host(gpu())
+    ok, how = check(want, got)
+    assert ok, f"{label}: {how}"
+
+
+def test_registration_recovers_true_shifts(xp):
+    # NumPy here, and CuPy where a GPU exists (the fixture's ``gpu`` param)
+    from connectome.synth.twophoton import make_movie
+    from connectome.twophoton.registration import prepare_reference, register_frames
+
+    movie, truth = make_movie((40, 128, 128), motion="rigid", max_shift=4.0, seed=21, dtype=np.float32)
+    ref = prepare_reference(xp.asarray(truth.reference))
+    reg, shifts, quality = register_frames(xp.asarray(movie), ref)
+    assert isinstance(reg, xp.ndarray) and reg.dtype == xp.float32
+    err = np.abs(_host(shifts) - truth.shifts)
+    assert float(np.median(err)) < 0.1 and float(err.max()) < 0.5, err.max()
+
+
+def test_extraction_matches_dense_footprint_means(xp):
+    import scipy.sparse as sp
+
+    from connectome.synth.twophoton import make_movie
+    from connectome.twophoton.extraction import extract_traces, normalize_rows
+
+    movie, truth = make_movie((30, 96, 96), motion="none", seed=22, dtype=np.float32)
+    f = truth.footprints.reshape(truth.n_cells, -1)
+    w = normalize_rows(sp.csr_matrix(np.where(f >= 0.1, f, 0)))
+    got = _host(extract_traces(xp.asarray(movie), w))
+    want = (w.toarray().astype(np.float64) @ movie.reshape(len(movie), -1).T.astype(np.float64))
+    empty = np.asarray(w.sum(axis=1)).ravel() == 0
+    assert np.array_equal(np.isnan(got).any(axis=1), empty)
+    np.testing.assert_allclose(got[~empty], want[~empty], rtol=1e-4, atol=1e-3)

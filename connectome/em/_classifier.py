@@ -81,6 +81,10 @@ class PixelClassifier:
         xp = get_xp(feats)
         if feats.shape[0] != self.spec.n_features:
             raise InputError(f"model expects {self.spec.n_features} features, got {feats.shape[0]}")
+        if xp is not np:  # GPU: one voxel per thread walks every tree (bit-exact twin, connectome.em._forest_gpu)
+            from connectome.em import _forest_gpu
+
+            return _forest_gpu.predict_features(self, feats)
         shape = feats.shape[1:]
         n_f = feats.shape[0]
         n = int(np.prod(shape))
