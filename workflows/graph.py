@@ -75,9 +75,10 @@ _BLOCK_VOXELS = 1 << 23  # default block: about 8 M voxels (64 MB of uint64 labe
 _CHUNKS_PER_TASK = 32
 
 
-def _segmentation(ds: Dataset, name: str) -> zarr.Array:
+def _segmentation(ds: Dataset, name: str, why: str = "") -> zarr.Array:
+    """The complete label image ``name``, or a one-line error (``why`` says what needs it)."""
     if name not in ds:
-        raise StageError(f"{ds.path}: no {name}; run the segmentation stages first (or bring your own {name})")
+        raise StageError(f"{ds.path}: no {name}{why}; run the segmentation stages first (or bring your own {name})")
     if not ds.is_complete(name):
         raise StageError(f"{ds.path}: {name} is incomplete (its stage was interrupted); finish that stage first")
     arr = ds.array(name)

@@ -102,15 +102,9 @@ def _signature(obj) -> str:
 
 def check_segmentation(ds: Dataset, name: str = SEGMENTATION):
     """The complete segmentation the synapses' partners come from, or a one-line error."""
-    if name not in ds:
-        raise StageError(f"{ds.path}: no {name}: synapse partners are looked up in it; run the agglomeration "
-                         f"stage first (or bring your own {name})")
-    if not ds.is_complete(name):
-        raise StageError(f"{ds.path}: {name} is incomplete (its stage was interrupted); finish that stage first")
-    arr = ds.array(name)
-    if arr.ndim != 3 or np.dtype(arr.dtype).kind not in "ui":
-        raise StoreError(f"{ds.path}/{name}: expected a 3-D integer label image, found {arr.ndim}-D {arr.dtype}")
-    return arr
+    from workflows.graph import _segmentation
+
+    return _segmentation(ds, name, ": synapse partners are looked up in it")
 
 
 def _raw_em(ds: Dataset):

@@ -129,13 +129,17 @@ class PixelClassifier:
         path = Path(path)
         header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "meta": self.meta}
         arrays = {name: np.asarray(getattr(self, name)) for name in _ARRAYS}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(json.dumps(header)), spec=np.array(self.spec.to_json()),
-                                **arrays)
-        tmp.replace(path)
-        return path
+        return save_npz(path, header, self.spec, arrays)
+
+
+def save_npz(path: Path, header: dict, spec, arrays: dict) -> Path:
+    """Write a model file atomically: JSON header and feature spec as text, trees as plain arrays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, header=np.array(json.dumps(header)), spec=np.array(spec.to_json()), **arrays)
+    tmp.replace(path)
+    return path
 
 
 def load_model(path) -> PixelClassifier:

@@ -39,7 +39,7 @@ import numpy as np
 
 from connectome.backend import get_xp, ndimage_for, to_numpy
 from connectome.em._boundaries import FeatureSpec, axis_sigmas, choose_mode, feature_halo, features, normalize_intensity
-from connectome.em._classifier import PixelClassifier, _check_trees, from_sklearn, train
+from connectome.em._classifier import PixelClassifier, _check_trees, from_sklearn, save_npz, train
 from connectome.errors import InputError
 
 MODEL_FORMAT = "connectome-synapse-classifier"
@@ -217,12 +217,7 @@ class SynapseModel:
         arrays = {f"pixel_{k}": np.asarray(getattr(self.pixel, k)) for k in _TREE_ARRAYS}
         if self.objects is not None:
             arrays.update({f"object_{k}": np.asarray(self.objects[k]) for k in _TREE_ARRAYS})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(json.dumps(header)), spec=np.array(self.spec.to_json()), **arrays)
-        tmp.replace(path)
-        return path
+        return save_npz(path, header, self.spec, arrays)
 
 
 def load_synapse_model(path) -> SynapseModel:
