@@ -246,3 +246,17 @@ def test_neurofinder_crop(shared_data, tmp_path):
     assert precision >= 0.25
     assert recall >= 0.28
     assert active_recall >= 0.6
+
+
+@pytest.mark.parametrize("shape,sigma", [((40, 9, 11), 3.0), ((7, 5, 6), 12.0), ((300, 4, 4), 24.0)])
+def test_matrix_gaussians_equal_scipy(shape, sigma):
+    """The banded-matrix Gaussians of the activity search are scipy's filters, edges included."""
+    import scipy.ndimage as ndi
+
+    from connectome.twophoton.detection import _gauss_space, _gauss_time
+
+    y = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(_gauss_time(y, sigma, "nearest", np),
+                               ndi.gaussian_filter1d(y, sigma, axis=0, mode="nearest"), atol=1e-5)
+    np.testing.assert_allclose(_gauss_space(y, sigma, "reflect", np),
+                               ndi.gaussian_filter(y, (0, sigma, sigma), mode="reflect"), atol=1e-5)

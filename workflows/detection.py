@@ -13,8 +13,12 @@ footprint overlap, the copy deepest inside its own tile winning. In volumes
 the ROIs of adjacent planes that are one cell are then joined
 (:func:`~connectome.twophoton.detection.merge_planes`).
 
-Finished tiles are kept under ``_scratch/detection`` so that an interrupted
-run resumes; outputs are written last and stay marked incomplete (labels) or
+When there is more than one tile (or plane), the movie is first binned once,
+a time chunk at a time, into ``_scratch/detection_binned`` (chunked in space,
+so a tile reads only its own region): every registered chunk is then read
+and decompressed once, not once per tile. Finished tiles are kept under
+``_scratch/detection`` so that an interrupted run resumes; outputs are
+written last and stay marked incomplete (labels) or
 absent (tables) until the stage is done.
 
 Outputs (DESIGN.md): ``twophoton/rois/labels`` (OME-NGFF label image, the
@@ -46,6 +50,7 @@ from workflows.pyramid import build_pyramid
 STAGE = "twophoton.detection"
 SOURCE = "twophoton/registered"
 SCRATCH = "_scratch/detection"
+BINNED = "_scratch/detection_binned"
 
 
 @dataclass
@@ -127,7 +132,7 @@ def tiles_for(spatial, tile_size: int, overlap: int) -> list[Tile]:
 def _read_binned(array, tile: Tile, bin_size: int, name: str) -> np.ndarray:
     """The tile's time series, read a time chunk at a time and binned on the fly."""
     T = array.shape[0]
-    step = max(bin_size, (array.chunks[0] // bin_size) * bin_size)
+    step = _bin_step(array, bin_size)
     plane = () if tile.z is None else (tile.z,)
     bins = []
     for t0 in range(0, T, step):
@@ -136,13 +141,74 @@ def _read_binned(array, tile: Tile, bin_size: int, name: str) -> np.ndarray:
     return np.concatenate(bins)
 
 
+def _bin_step(array, bin_size: int) -> int:
+    """Frames read at a time: whole bins, about one time chunk of the registered movie."""
+    return max(bin_size, (array.chunks[0] // bin_size) * bin_size)
+
+
+def _bin_slab(store: str, t0: int, bin_size: int) -> int:
+    """Task: bin the frames ``t0 … t0 + step`` of the whole field of view into ``_scratch/detection_binned``."""
+    root = zarr.open_group(store, mode="r+", zarr_format=3)
+    node = root[SOURCE]
+    array = node["0"] if isinstance(node, zarr.Group) else node
+    step = _bin_step(array, bin_size)
+    frames = np.asarray(read_array(array, slice(t0, min(t0 + step, array.shape[0])), SOURCE))
+    b0 = t0 // bin_size
+    binned = bin_frames(frames, bin_size)
+    root[BINNED][b0:b0 + binned.shape[0]] = binned
+    return t0
+
+
+def _binned_ready(root, signature: str) -> bool:
+    """A finished ``_scratch/detection_binned`` of this run's settings is in the store."""
+    if BINNED not in root:
+        return False
+    attrs = root[BINNED].attrs
+    return attrs.get("signature") == signature and bool(attrs.get("complete"))
+
+
+def _bin_movie(ds: Dataset, array, bin_size: int, tile_size: int, signature: str, executor: Executor) -> None:
+    """The binned movie of every plane in ``_scratch/detection_binned`` (each registered chunk read once).
+
+    A task bins ``step`` frames of the whole field of view (one time chunk of
+    the registered movie: the memory the registration stage also needs).
+
+    Chunks: one slab of bins in time (what one task writes), ``tile_size``
+    clipped to 64-128 pixels in space. Skipped when a finished one with the same
+    ``signature`` is there (an interrupted run resumes).
+    """
+    root = ds.root
+    if _binned_ready(root, signature):
+        return
+    if BINNED in root:
+        del root[BINNED]
+    T, spatial = array.shape[0], tuple(array.shape[1:])
+    step = _bin_step(array, bin_size)
+    n_bins = math.ceil(T / bin_size)
+    side = max(64, min(128, int(tile_size)))
+    chunks = (step // bin_size,) + ((1,) if len(spatial) == 3 else ()) + tuple(min(side, s) for s in spatial[-2:])
+    out = root.create_array(BINNED, shape=(n_bins,) + spatial, dtype="float32", chunks=chunks, compressors=None,
+                            overwrite=True)
+    out.attrs["signature"] = signature
+    out.attrs["complete"] = False
+    store = str(ds.path)
+    tasks = [dask.delayed(_bin_slab, pure=False)(store, t0, bin_size, dask_key_name=f"{STAGE}-bin-{t0}")
+             for t0 in range(0, T, step)]
+    executor.run(tasks)
+    out.attrs["complete"] = True
+
+
 def _detect_tile(store: str, tile: Tile, mean_tile, bin_size: int, diameter: float, scale: float, params: dict,
-                 device: str, signature: str, tissue_scale: float | None = None):
+                 device: str, signature: str, tissue_scale: float | None = None, prebinned: bool = False):
     """Task: detect one tile, keep the ROIs it owns, save them under ``_scratch/detection``."""
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     node = root[SOURCE]
     array = node["0"] if isinstance(node, zarr.Group) else node
-    binned = _read_binned(array, tile, bin_size, SOURCE)
+    if prebinned:
+        plane = () if tile.z is None else (tile.z,)
+        binned = np.asarray(root[BINNED][(slice(None),) + plane + tile.outer], np.float32)
+    else:
+        binned = _read_binned(array, tile, bin_size, SOURCE)
     binned = to_device(binned, device)
     activity = dict(threshold=params["activity_threshold"], min_energy=params["min_energy"],
                     footprint_threshold=params["footprint_threshold"], max_compactness=params["max_compactness"],
@@ -295,8 +361,10 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
             ds.table_path(table).unlink()
     if "twophoton/rois/labels" in ds:
         ds.mark_complete("twophoton/rois/labels", False)
-    if overwrite and SCRATCH in ds.root:
-        del ds.root[SCRATCH]
+    if overwrite:
+        for name in (SCRATCH, BINNED):
+            if name in ds.root:
+                del ds.root[name]
     mean = _mean_image(ds, movie)
     planes = [mean] if len(spatial) == 2 else list(mean)
     # contrast units are set once per plane, so that every tile takes the same decisions
@@ -314,13 +382,22 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
             todo.append(tile)
     executor = executor or Executor(None)
     store = str(ds.path)
+    # several tiles (or planes, whose time chunks hold the whole volume): bin the movie once rather than
+    # decompress every chunk once per tile
+    prebinned = len(todo) > 1 or (len(todo) == 1 and len(tiles) > 1 and _binned_ready(ds.root, signature))
+    if prebinned:
+        try:
+            _bin_movie(ds, movie, bin_size, int(cfg.tile_size), signature, executor)
+        except BaseException:
+            ds.provenance.update(STAGE, status="failed")
+            raise
     tasks = []
     for tile in todo:
         plane = 0 if tile.z is None else tile.z
         mean_tile = planes[plane][tile.outer]
         tasks.append(dask.delayed(_detect_tile, pure=False)(
             store, tile, mean_tile, bin_size, diameter, scales[plane], params_run, device, signature,
-            tissue_scales[plane], dask_key_name=f"{STAGE}-tile-{tile.index}"))
+            tissue_scales[plane], prebinned, dask_key_name=f"{STAGE}-tile-{tile.index}"))
     with progress(STAGE, len(tiles), enabled=show_progress) as advance:
         advance(len(tiles) - len(todo))
         try:
@@ -355,6 +432,8 @@ def run_detection(ds: Dataset, *, config: dict | DetectionConfig | None = None, 
     rois = _order(rois)
     metrics = _write_outputs(ds, rois, spatial)
     del root[SCRATCH]
+    if BINNED in root:
+        del root[BINNED]
     metrics.update(tiles=len(tiles), bin_size=bin_size, n_bins=n_bins, diameter=round(diameter, 3),
                    seconds=round(time.perf_counter() - t0, 3))
     ds.provenance.end(STAGE, metrics=metrics, seconds=metrics["seconds"])

@@ -39,6 +39,7 @@ et al. 2016, Neuron 89:285). The anatomical detector is a blob detector
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -242,7 +243,57 @@ def _noise_diff(x, xp):
     if x.shape[0] < 3:
         return xp.ones(x.shape[1:], x.dtype)
     d = xp.diff(x, axis=0)
-    return (1.4826 / math.sqrt(2) * xp.median(xp.abs(d), axis=0)).astype(x.dtype)
+    xp.abs(d, out=d)  # d is ours: the median may partition it in place (no copy)
+    return (1.4826 / math.sqrt(2) * xp.median(d, axis=0, overwrite_input=True)).astype(x.dtype)
+
+
+def _gauss_matrix(n: int, sigma: float, mode: str, xp, truncate: float = 4.0):
+    """(n, n) float32 matrix ``K`` with ``K @ v`` = ``gaussian_filter1d(v, sigma, mode=mode)``.
+
+    Built by filtering the identity (exactly the same taps and boundary
+    handling as :func:`scipy.ndimage.gaussian_filter1d`), so that a long
+    Gaussian along one axis of a stack becomes one BLAS matrix product.
+    """
+    return xp.asarray(_gauss_matrix_host(int(n), float(sigma), str(mode), float(truncate)))
+
+
+@functools.lru_cache(maxsize=16)
+def _gauss_matrix_host(n: int, sigma: float, mode: str, truncate: float) -> np.ndarray:
+    import scipy.ndimage as sndi
+
+    k = sndi.gaussian_filter1d(np.eye(n), sigma, axis=0, mode=mode, truncate=truncate).astype(np.float32)
+    k.setflags(write=False)  # shared between calls (and tiles on threads)
+    return k
+
+
+def _gauss_time(y, sigma: float, mode: str, xp, block: int = 256):
+    """Gaussian along axis 0 of a ``(B, ...)`` stack as a banded matrix product (rows in blocks)."""
+    B = y.shape[0]
+    K = _gauss_matrix(B, sigma, mode, xp)
+    flat = y.reshape(B, -1)
+    out = xp.empty_like(flat)
+    nz = to_numpy(K != 0)
+    for i0 in range(0, B, block):
+        i1 = min(i0 + block, B)
+        cols = np.flatnonzero(nz[i0:i1].any(axis=0))
+        j0, j1 = int(cols[0]), int(cols[-1]) + 1
+        out[i0:i1] = K[i0:i1, j0:j1] @ flat[j0:j1]
+    return out.reshape(y.shape)
+
+
+def _gauss_space(y, sigma: float, mode: str, xp):
+    """Gaussian over the two last axes of a ``(B, Y, X)`` stack as two matrix products.
+
+    Same result as ``gaussian_filter(y, (0, sigma, sigma), mode=mode)`` up to
+    float32 rounding; much faster when ``sigma`` is cell-sized (long kernels).
+    Returns a (non-contiguous) ``(B, Y, X)`` view.
+    """
+    B, H, W = y.shape
+    Kx = _gauss_matrix(W, sigma, mode, xp)
+    Ky = Kx if H == W else _gauss_matrix(H, sigma, mode, xp)
+    u = (y.reshape(-1, W) @ Kx.T).reshape(B, H, W)
+    v = xp.tensordot(Ky, u, axes=(1, 1))  # (H, B, W)
+    return v.transpose(1, 0, 2)  # a view: the callers only use it in element-wise arithmetic
 
 
 def _component(mask, seed, ndi, xp):
@@ -289,7 +340,7 @@ def prepare_movie(binned, diameter: float, high_pass_bins: float = 25.0, noise_f
     y = xp.asarray(binned, dtype=xp.float32)
     B = y.shape[0]
     if B > 3 * high_pass_bins:
-        y = y - ndi.gaussian_filter1d(y, sigma=high_pass_bins, axis=0, mode="nearest")
+        y = y - _gauss_time(y, high_pass_bins, "nearest", xp)
     else:
         y = y - y.mean(axis=0, keepdims=True)
     if baseline is not None:
@@ -297,9 +348,9 @@ def prepare_movie(binned, diameter: float, high_pass_bins: float = 25.0, noise_f
         base = xp.asarray(baseline, dtype=xp.float32)
         base = base - float(xp.percentile(base, 1))
         ratio = xp.clip(base / xp.maximum(ndi.gaussian_filter(base, diameter, mode="reflect"), 1e-6), 0, 1)
-        y = y - ndi.gaussian_filter(y, sigma=(0, diameter, diameter), mode="reflect") * ratio[None]
+        y = y - _gauss_space(y, diameter, "reflect", xp) * ratio[None]
     else:
-        y = y - ndi.gaussian_filter(y, sigma=(0, diameter, diameter), mode="reflect")
+        y = y - _gauss_space(y, diameter, "reflect", xp)
     noise = _noise_diff(y, xp)
     # dark pixels (vessels) have little shot noise: a floor keeps the neuropil's leftovers there from looking active
     floor = max(float(xp.median(noise)) * noise_floor, 1e-12)
@@ -443,9 +494,13 @@ def detect_activity(binned, *, diameter: float, threshold: float = 2.5, min_ener
         zx0, zx1 = max(x0 - pad, 0), min(x1 + pad, W)
         py0, py1 = max(zy0 - pad, 0), min(zy1 + pad, H)
         px0, px1 = max(zx0 - pad, 0), min(zx1 + pad, W)
-        sub = ndi.gaussian_filter(y[:, py0:py1, px0:px1], sigma=(0, sigma_s, sigma_s), mode="reflect")
+        # the smoothing is linear and the peeled part is c (x) a: its smoothed image is c (x) G(a), so the
+        # update costs one small 2-D filter (same taps and borders as smoothing the whole movie again);
         # the noise scale of the first pass keeps energies comparable between iterations
-        s[:, zy0:zy1, zx0:zx1] = sub[:, zy0 - py0:zy1 - py0, zx0 - px0:zx1 - px0] / s_noise[None, zy0:zy1, zx0:zx1]
+        pa = xp.zeros((py1 - py0, px1 - px0), xp.float32)
+        pa[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = a
+        ga = ndi.gaussian_filter(pa, sigma=sigma_s, mode="reflect")[zy0 - py0:zy1 - py0, zx0 - px0:zx1 - px0]
+        s[:, zy0:zy1, zx0:zx1] -= c[:, None, None] * (ga / s_noise[zy0:zy1, zx0:zx1])[None]
         energy[zy0:zy1, zx0:zx1] = _energy(s[:, zy0:zy1, zx0:zx1], threshold, xp)
         found.append([y0, x0, a, c, best])
     return _finish_activity(found, y, xp, ndi, n_hals, footprint_threshold, min_area, max_area, max_compactness,
