@@ -320,8 +320,11 @@ def test_run_widget_em_cancel_then_resume(make_napari_viewer, qtbot, tmp_path):
     for name, value in (("em__block_shape", "(8, 32, 32)"), ("em__chunks", "(8, 32, 32)")):
         next(x for x in w.params if x.name == name).value = value
     w._progress = (lambda f: lambda item: (w.cancel_event.set(), f(item)))(w._progress)  # cancel at once
-    w.run()
-    _wait(qtbot, w)
+    import dask
+
+    with dask.config.set(num_workers=2):  # waves of 2 blocks: the cancel lands after the first wave
+        w.run()
+        _wait(qtbot, w)
     assert isinstance(w.error, StageCancelled)
     assert not Dataset(ds.path).is_complete("em/boundaries")
     done_before = int(np.count_nonzero(Dataset(ds.path).root["_progress/em.boundaries"][...]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import queue
 import threading
 from pathlib import Path
@@ -55,7 +56,18 @@ def _executor_class():
                 if self.cancel.is_set():
                     raise StageCancelled(f"cancelled after {done[0]} of {total} blocks of {name}")
 
-            return super().run(tasks, callback)
+            # one wave of as many blocks as there are threads at a time, so that cancel stops
+            # between waves whatever the speed of the blocks (a wave already running finishes
+            # and is recorded; the blockwise runner resumes the rest later)
+            import dask
+
+            wave = max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+            results = []
+            for start in range(0, total, wave):
+                results += super().run(tasks[start:start + wave], callback)
+                if self.cancel.is_set() and start + wave < total:
+                    raise StageCancelled(f"cancelled after {done[0]} of {total} blocks of {name}")
+            return results
 
     return ProgressExecutor
 
