@@ -12,6 +12,8 @@ both interpreters, so it needs only the standard library and NumPy.
   suite2p's CPU paths never use those registrations.
 * :func:`child_env` — the environment for the child (no ``PYTHONPATH`` of ours).
 * :func:`parse_result` — the ``RESULT`` line of a child's output, or an error.
+* :func:`run_child` — run a benchmark file under the suite2p interpreter as a child
+  (``--suite2p-child ARGS``) and return its parsed ``RESULT``.
 * :func:`stat_to_labels` — suite2p ROIs (``ypix, xpix, lam``) as a label image,
   the largest ``lam`` winning where ROIs overlap (as in ``benchmarks/detection.py``).
 * :func:`measure` — run a command, wall time, CPU time and peak memory of its
@@ -55,6 +57,15 @@ def parse_result(stdout: str, stderr: str, returncode: int) -> dict:
         tail = (stderr or stdout).strip().splitlines()[-5:]
         return {"error": " | ".join(tail) or f"exit {returncode}"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_child(python: str, script, args: list[str]) -> dict:
+    """``python script --suite2p-child *args`` in a neutral folder; its ``RESULT`` or ``{"error": ...}``."""
+    import tempfile
+
+    cmd = [python, str(Path(script).resolve()), "--suite2p-child", *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=tempfile.gettempdir())
+    return parse_result(proc.stdout, proc.stderr, proc.returncode)
 
 
 def stat_to_labels(stat, shape) -> np.ndarray:

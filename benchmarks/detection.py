@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +47,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _suite2p_child(argv) -> int:
-    import types
+    import _suite2p
 
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    _suite2p.prepare_child_imports()
     import logging
 
     import torch
@@ -71,15 +70,7 @@ def _suite2p_child(argv) -> int:
     _, stat, _ = detection_wrapper(movie, diameter=[a.diameter, a.diameter], tau=1.0, fs=a.fs, settings=settings,
                                    device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    lab = np.zeros(movie.shape[1:], np.int32)
-    best = np.zeros(movie.shape[1:], np.float64)
-    for i, s in enumerate(stat):
-        lam = np.asarray(s["lam"], np.float64)
-        y, x = np.asarray(s["ypix"]), np.asarray(s["xpix"])
-        win = lam > best[y, x]
-        lab[y[win], x[win]] = i + 1
-        best[y[win], x[win]] = lam[win]
-    np.save(a.out, lab)
+    np.save(a.out, _suite2p.stat_to_labels(stat, movie.shape[1:]))
     print("RESULT " + json.dumps({"seconds": seconds, "n_rois": len(stat), "suite2p": suite2p.version,
                                   "torch_threads": torch.get_num_threads()}), flush=True)
     return 0
@@ -88,16 +79,10 @@ def _suite2p_child(argv) -> int:
 def run_suite2p(python: str, movie, diameter: float, fs: float, tmp: Path) -> tuple[dict, np.ndarray | None]:
     mpath, out = tmp / "movie.npy", tmp / "s2p_labels.npy"
     np.save(mpath, movie.astype(np.float32))
-    cmd = [python, str(Path(__file__).resolve()), "--suite2p-child", str(mpath), str(out),
-           "--diameter", str(diameter), "--fs", str(fs)]
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}, None
-    return json.loads(lines[-1][len("RESULT "):]), np.load(out)
+    import _suite2p
+
+    res = _suite2p.run_child(python, __file__, [mpath, out, "--diameter", diameter, "--fs", fs])
+    return (res, None) if "error" in res else (res, np.load(out))
 
 
 # ----------------------------------------------------------------------------- ours and scoring

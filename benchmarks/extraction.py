@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,13 +69,9 @@ def summary(r) -> dict:
 
 
 def _suite2p_child(argv) -> int:
-    import types
+    import _suite2p
 
-    if os.path.isdir("/tmp/s2pstub"):
-        sys.path.insert(0, "/tmp/s2pstub")
-    # the torchvision wheel next to the CPU torch is a CUDA build whose meta registrations fail
-    # (`operator torchvision::nms does not exist`); suite2p's extraction does not use them
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    _suite2p.prepare_child_imports()
     import logging
 
     import torch
@@ -139,16 +134,12 @@ def _suite2p_child(argv) -> int:
 
 
 def run_suite2p(python: str, movie_path: Path, fp_path: Path, out: Path, frame_rate: float, repeats: int) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--suite2p-child", str(movie_path), str(fp_path), str(out),
-           "--frame-rate", str(frame_rate), "--repeats", str(repeats)]
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
-    res = json.loads(lines[-1][len("RESULT "):])
+    import _suite2p
+
+    res = _suite2p.run_child(python, __file__, [movie_path, fp_path, out, "--frame-rate", frame_rate,
+                                                "--repeats", repeats])
+    if "error" in res:
+        return res
     with np.load(out) as z:
         res["arrays"] = {k: z[k] for k in z.files}
     return res

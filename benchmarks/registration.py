@@ -47,7 +47,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -113,11 +112,9 @@ def _best(times):
 
 def _suite2p_child(argv) -> int:
     """Runs under the suite2p venv's Python: times reference + registration for both settings."""
-    import types
+    import _suite2p
 
-    # the torchvision wheel next to the CPU torch is a CUDA build whose meta registrations fail
-    # (`operator torchvision::nms does not exist`); suite2p's registration does not use them
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    _suite2p.prepare_child_imports()
     import logging
 
     import torch
@@ -192,18 +189,14 @@ def _suite2p_child(argv) -> int:
 
 def run_suite2p(python: str, movie_path: Path, out: Path, repeats: int, margin: int, device: str,
                 reference: Path | None = None) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--suite2p-child", str(movie_path), str(out),
-           "--repeats", str(repeats), "--margin", str(margin), "--device", device]
+    import _suite2p
+
+    args = [movie_path, out, "--repeats", repeats, "--margin", margin, "--device", device]
     if reference is not None:
-        cmd += ["--reference", str(reference)]
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
-    res = json.loads(lines[-1][len("RESULT "):])
+        args += ["--reference", reference]
+    res = _suite2p.run_child(python, __file__, args)
+    if "error" in res:
+        return res
     with np.load(out) as z:
         res["shifts"] = {k: z[k] for k in z.files}
     return res
